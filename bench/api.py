@@ -1,0 +1,309 @@
+"""The two contracts every method and task implements, and the small objects they exchange.
+
+A **Task** owns data, models and quality metrics for one family of benchmarks (with subtasks, e.g.
+``glue/sst2``). A **Method** is one distillation algorithm: it turns a batch into losses. The harness
+(`bench.train`) owns everything in between — optimiser, schedule, step budget, seeds, checkpoints,
+teacher-output caching — which is what makes rows comparable.
+
+This module imports no torch: type hints referring to torch live behind ``TYPE_CHECKING``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+DOMAINS = ("classification", "lm", "diffusion", "segmentation", "grounding")
+TIERS = ("smoke", "small", "full")
+Tier = Literal["smoke", "small", "full"]
+Problem = Literal["classification", "regression"]
+
+Batch = dict  # str -> Tensor; every training batch carries "index" (LongTensor of example ids)
+
+
+class Params(BaseModel):
+    """Base of every method's and task's parameter model: strict, immutable, documented fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Objects exchanged between harness, tasks and methods
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One quality metric a task reports. Values are stored in natural units (0.873, not 87.3)."""
+
+    name: str
+    higher_is_better: bool = True
+    primary: bool = False
+    description: str = ""
+
+
+@dataclass
+class Outputs:
+    """What `Task.forward` returns: the parts of a model's output a method may use."""
+
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    features: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+
+
+class Split(Protocol):
+    """An indexable split. The harness, not the task, decides the order in which examples are seen.
+
+    That is what makes resume exact (the position in an epoch is a function of the step) and lets
+    teacher outputs be cached by example id.
+    """
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """Collate the examples at ``indices`` into one batch (with an ``index`` tensor)."""
+        ...
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule a task declares for every method that trains on it."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    no_decay: tuple[str, ...] = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    source: str = ""  # where these defaults come from
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The budget and optimiser of one cell; identical for every method on a (task, subtask, tier)."""
+
+    steps: int
+    batch_size: int
+    eval_batch_size: int
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(frozen=True)
+class TeacherCandidate:
+    """One entry of a task's teacher pool (MiniMA's capacity-gap law chooses among them)."""
+
+    name: str
+    n_params: int
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TaskEnv:
+    """Where a task finds its data and caches, and which tier it builds."""
+
+    tier: Tier
+    subtask: str
+    data_root: Path | None
+    cache_dir: Path
+    device: str = "cpu"
+    quiet: bool = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Task
+# --------------------------------------------------------------------------------------------------
+
+
+class Task:
+    """Contract for a task family. One instance serves one (subtask, tier, params); it is shared by
+    every method and seed of that cell row, so data are loaded and teachers trained once.
+
+    Subclasses set the class attributes and implement the methods below.
+    """
+
+    name: ClassVar[str]
+    domain: ClassVar[str]
+    version: ClassVar[str]
+    subtasks: ClassVar[tuple[str, ...]]
+    Params: ClassVar[type[Params]] = Params
+    #: How per-subtask scores combine into the family's summary score (stated under every table).
+    aggregate_name: ClassVar[str] = "score"
+    aggregate_rule: ClassVar[str] = "unweighted mean of the per-subtask scores"
+
+    def __init__(self, params: Params, env: TaskEnv) -> None:
+        self.params = params
+        self.env = env
+
+    # A task travels to measuring subprocesses by its parameters alone; caches are rebuilt there lazily.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"params": self.params, "env": self.env}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["params"], state["env"])
+
+    # --- what the cell needs --------------------------------------------------------------------
+    def unavailable(self) -> str | None:
+        """Why this subtask cannot run at this tier (reported as a skipped cell), or None."""
+        return None
+
+    def metrics(self) -> list[Metric]:
+        raise NotImplementedError
+
+    def problem(self) -> Problem:
+        """classification (logits over labels) or regression (one real output)."""
+        return "classification"
+
+    def training(self) -> TrainConfig:
+        raise NotImplementedError
+
+    def teacher_pool(self) -> list[TeacherCandidate]:
+        """Teachers available for this subtask; the first is the default teacher."""
+        raise NotImplementedError
+
+    def teacher(self, name: str | None = None) -> nn.Module:
+        """The trained teacher (trained once and cached by content hash where needed)."""
+        raise NotImplementedError
+
+    def student(self, seed: int) -> nn.Module:
+        """A fresh student for one cell."""
+        raise NotImplementedError
+
+    def train_data(self) -> Split:
+        raise NotImplementedError
+
+    def eval_data(self) -> Split:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch: Batch) -> Outputs:
+        """Run ``model`` on ``batch``: the adapter that makes methods model-agnostic in a domain."""
+        raise NotImplementedError
+
+    def label_loss(self, outputs: Outputs, batch: Batch) -> torch.Tensor:
+        """The supervised loss on ground truth (cross-entropy, or MSE for regression)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+    def score(self, metrics: dict[str, float]) -> float:
+        """This subtask's contribution to the family's aggregate score (see ``aggregate_rule``)."""
+        primary = [m.name for m in self.metrics() if m.primary]
+        return float(metrics[primary[0]])
+
+    def example_inputs(self, batch_size: int) -> Batch:
+        """Inputs at the task's declared shape, for FLOPs, latency and memory probes."""
+        raise NotImplementedError
+
+    def input_description(self) -> str:
+        """Human-readable declared input shape (recorded with FLOPs)."""
+        return ""
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """Content hashes and sizes of the data this cell trains and evaluates on."""
+        raise NotImplementedError
+
+    def notes(self) -> list[str]:
+        """Caveats that must travel with the numbers (e.g. 'MNLI 1k subset')."""
+        return []
+
+
+# --------------------------------------------------------------------------------------------------
+# Method
+# --------------------------------------------------------------------------------------------------
+
+
+class Method:
+    """Contract for a distillation method. Subclasses are standalone (no chains of method classes).
+
+    ``role`` says what the row is: ``distill`` (trains a student with a teacher), ``student`` (the
+    student on labels only, the reference row) or ``teacher`` (evaluates the teacher, no training).
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    domains: ClassVar[frozenset[str]]
+    Params: ClassVar[type[Params]] = Params
+    role: ClassVar[Literal["distill", "student", "teacher"]] = "distill"
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def unsupported(self, task: Task) -> str | None:
+        """Why this method cannot run on ``task`` (the cell is reported as skipped), or None."""
+        return None
+
+    def select_teacher(self, pool: list[TeacherCandidate], student_params: int) -> str | None:
+        """Pick a teacher from the task's pool; None keeps the task's default."""
+        return None
+
+    def init_student(self, teacher: nn.Module, student: nn.Module, ctx: StepContext) -> nn.Module:
+        """Initialise (or replace) the student from the teacher before training."""
+        return student
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Trainable modules besides the student, each given its own optimiser under its key."""
+        return {}
+
+    def setup(self, ctx: StepContext) -> None:
+        """Called once the models are placed and the budget is known."""
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Losses for this step, keyed by optimiser: ``student`` plus any ``extra_modules`` keys."""
+        raise NotImplementedError
+
+    def on_step_end(self, ctx: StepContext) -> dict[str, float]:
+        """After the optimiser step of a *training* step; returns scalars worth logging."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state needed for an exact resume (schedules, momenta)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def record_info(self) -> dict[str, Any]:
+        """Method facts worth keeping in the run record (chosen teacher, final schedule values)."""
+        return {}
+
+
+class StepContext:
+    """What a method sees during training. Built by the harness; see `bench.train`."""
+
+    task: Task
+    student: nn.Module
+    teacher: nn.Module | None
+    step: int  # optimiser steps completed before the current one
+    total_steps: int
+    seed: int
+    device: str
+
+    def problem(self) -> Problem:
+        raise NotImplementedError
+
+    def student_outputs(self, batch: Batch) -> Outputs:
+        raise NotImplementedError
+
+    def teacher_outputs(self, batch: Batch) -> Outputs:
+        """Teacher logits for ``batch``, cached by example id within the cell."""
+        raise NotImplementedError
+
+    def label_loss(self, outputs: Outputs, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def calibration_batches(self, n: int) -> list[Batch]:
+        """A few training batches in a fixed order (for importance estimation and the like)."""
+        raise NotImplementedError

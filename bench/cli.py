@@ -1,0 +1,305 @@
+"""The ``bench`` command line.
+
+Start-up imports only typer, rich, pydantic and bench's light modules: ``bench --help`` and
+``bench ls`` never import torch. Bad input exits with code 2 and writes nothing; a run with failed
+cells exits with code 1 after writing every record and the leaderboard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+
+from bench import BenchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Declarative benchmark suite and leaderboard harness for knowledge distillation.\n\n"
+         "Example: [bold]bench run --methods taid,minima --task glue[/bold] (smoke tier, offline, minutes on a CPU).",
+)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(exc: BenchError) -> typer.Exit:
+    console.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+    return typer.Exit(2)
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+@app.command("ls")
+def ls(what: str = typer.Argument("all", help="methods, tasks or all")) -> None:
+    """List the registered methods and tasks (built-in and plugins), without importing them."""
+    from rich.table import Table
+
+    from bench import registry
+
+    if what not in ("all", "methods", "tasks"):
+        raise _fail(BenchError(f"bench ls {what!r}: expected methods, tasks or all"))
+    try:
+        if what in ("all", "methods"):
+            t = Table(title="methods", title_justify="left")
+            for col in ("name", "domains", "summary"):
+                t.add_column(col)
+            for name in registry.methods.names():
+                info = registry.methods.describe(name)
+                t.add_row(name, ", ".join(info.get("domains") or []), info.get("summary", ""))
+            out_console.print(t)
+        if what in ("all", "tasks"):
+            t = Table(title="tasks", title_justify="left")
+            for col in ("name", "domain", "subtasks", "summary"):
+                t.add_column(col)
+            for name in registry.tasks.names():
+                info = registry.tasks.describe(name)
+                t.add_row(name, str(info.get("domain") or ""), ", ".join(info.get("subtasks") or []),
+                          info.get("summary", ""))
+            out_console.print(t)
+    except BenchError as exc:
+        raise _fail(exc) from None
+
+
+def _task_specs(items: List[str]) -> list[str]:
+    """``--task glue/sst2,rte --task other`` -> [glue/sst2,rte, other]: after a ``task/subtask`` spec,
+    comma-separated names that are not tasks continue its subtask list."""
+    from bench import registry
+
+    specs: list[str] = []
+    for item in items:
+        for part in _split(item):
+            if specs and "/" in specs[-1] and "/" not in part and part not in registry.tasks:
+                specs[-1] += "," + part
+            else:
+                specs.append(part)
+    return specs
+
+
+def _build_suite(suite_file: Optional[Path], methods: Optional[str], task: Optional[List[str]], tier: Optional[str],
+                 seeds: Optional[str], steps: Optional[int], data_root: Optional[str], out: Optional[str],
+                 sets: List[str], profile: Optional[str]):
+    from pydantic import ValidationError
+
+    from bench.config import Suite, apply_overrides, format_validation_error, load_suite
+
+    if suite_file is not None:
+        suite = load_suite(suite_file)
+        data = suite.model_dump()
+    else:
+        if not methods or not task:
+            raise BenchError("bench run needs --methods and --task (e.g. --methods taid,minima --task glue), "
+                             "or --suite FILE")
+        data = {}
+    if methods:
+        data["methods"] = _split(methods)
+    if task:
+        data["tasks"] = _task_specs(task)
+    for key, value in (("tier", tier), ("data_root", data_root), ("out", out), ("profile", profile)):
+        if value is not None:
+            data[key] = value
+    if seeds is not None:
+        try:
+            data["seeds"] = [int(s) for s in _split(seeds)]
+        except ValueError:
+            raise BenchError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if steps is not None:
+        data.setdefault("train", {})["steps"] = steps
+    try:
+        suite = Suite.model_validate(data)
+    except ValidationError as exc:
+        raise BenchError("invalid run options\n" + format_validation_error(exc, "", Suite)) from None
+    return apply_overrides(suite, sets)
+
+
+@app.command()
+def run(
+    methods: Optional[str] = typer.Option(None, "--methods", "-m", help="Comma-separated method names (see bench ls)."),
+    task: Optional[List[str]] = typer.Option(None, "--task", "-t",
+                                             help="Task, or task/subtask[,subtask] (e.g. glue, glue/sst2,rte)."),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="A suite YAML file (see leaderboards/suites/)."),
+    tier: Optional[str] = typer.Option(None, "--tier", help="smoke (generated data, default), small (real data from "
+                                                          "--data-root) or full (paper-scale; downloads)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2 (default 0)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps per cell (default: the task's budget)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder with real data (small tier); "
+                                                                      "default $BENCH_DATA."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder for records and tables (default runs/)."),
+    sets: List[str] = typer.Option([], "--set", help="Override key=value: <method>.<param>, <task>.<param>, "
+                                                     "train.<field>, runtime.<field> or a suite field. Repeatable."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Hardware profile id (default: derived from this "
+                                                                  "machine)."),
+    force: bool = typer.Option(False, "--force", help="Redo cells that already have a finished record."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache for trained teachers "
+                                                                       "(default $BENCH_CACHE or ~/.cache/bench)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train and evaluate every (method, task, subtask, seed) cell, record it, and print the leaderboard."""
+    from bench.config import resolve
+    from bench.runner import check_data_root, default_cache_dir
+
+    try:
+        s = _build_suite(suite, methods, task, tier, seeds, steps, data_root, out, sets, profile)
+        resolved = resolve(s)
+        root = check_data_root(data_root or os.environ.get("BENCH_DATA") or s.data_root)
+        from bench.profiles import select_profile
+
+        prof = select_profile(s.profile)
+    except BenchError as exc:
+        raise _fail(exc) from None
+    code = _execute(resolved, root, cache_dir or default_cache_dir(), prof, force, quiet)
+    raise typer.Exit(code)
+
+
+def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool, quiet: bool) -> int:
+    from bench import leaderboard, progress
+    from bench.runner import RunOptions, execute
+
+    out = Path(resolved.suite.out)
+    opts = RunOptions(out=out, cache_dir=Path(cache_dir), data_root=root, profile=prof, force=force,
+                      device=prof.get("device", "cpu"))
+    reporter = None if quiet else _RichReporter(console)
+    progress.set_reporter(reporter)
+    try:
+        if reporter:
+            reporter.open()
+        summary = execute(resolved, opts)
+    except BenchError as exc:
+        raise _fail(exc) from None
+    finally:
+        if reporter:
+            reporter.close()
+        progress.set_reporter(None)
+    from bench.store import read_record
+
+    records = [read_record(o.path) for o in summary.outcomes]
+    order = list(resolved.method_params)
+    for table in leaderboard.build_tables(records, order):
+        md, csv_path = leaderboard.write(table, out)
+        sys.stdout.write(leaderboard.to_markdown(table) + "\n")
+        sys.stdout.flush()
+        console.print(f"wrote {md} and {csv_path}")
+    reused = sum(o.reused for o in summary.outcomes)
+    counts = {s: sum(o.status == s for o in summary.outcomes) for s in ("ok", "skipped", "failed")}
+    console.print(f"{len(summary.outcomes)} cells: {counts['ok']} ok ({reused} reused from earlier records), "
+                  f"{counts['skipped']} skipped, {counts['failed']} failed. Records under {out / 'records'}")
+    for o in summary.failed:
+        console.print(f"[red]failed[/red] {o.cell.id}: {o.reason}  (bench show {o.path})", highlight=False)
+    return 1 if summary.failed else 0
+
+
+class _RichReporter:
+    """Progress bars on stderr (rich); a cell's bar disappears when the cell is done."""
+
+    def __init__(self, con: Console) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=con, transient=False)
+        self._top: int | None = None
+
+    def open(self) -> None:
+        self.progress.start()
+
+    def close(self) -> None:
+        self.progress.stop()
+
+    def start(self, description: str, total: int | None) -> int:
+        handle = self.progress.add_task(description, total=total, info="")
+        if self._top is None:
+            self._top = handle
+        return handle
+
+    def advance(self, handle: int, completed: int, info: str = "") -> None:
+        self.progress.update(handle, completed=completed, info=info)
+
+    def stop(self, handle: int) -> None:
+        if handle != self._top:
+            self.progress.remove_task(handle)
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(message, highlight=False)
+
+
+@app.command()
+def validate(file: Path = typer.Argument(..., help="Suite YAML file.")) -> None:
+    """Check a suite file: schema, names, parameters. Exits 2 naming what is wrong."""
+    from bench.config import load_suite, resolve
+
+    try:
+        suite = load_suite(file)
+        resolved = resolve(suite)
+    except BenchError as exc:
+        raise _fail(exc) from None
+    n_sub = sum(len(s) for _, s in resolved.tasks)
+    n = n_sub * len(resolved.method_params) * len(suite.seeds)
+    out_console.print(f"{file}: OK — {n} cells ({n_sub} subtasks x {len(resolved.method_params)} methods x "
+                      f"{len(suite.seeds)} seeds), tier {suite.tier}")
+
+
+@app.command()
+def show(
+    run_ref: str = typer.Argument(..., metavar="RUN", help="A record path, or a cell id found under --out."),
+    out: List[Path] = typer.Option([Path("runs")], "--out", "-o", help="Where to look for a cell id."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON."),
+) -> None:
+    """Show one run record: status, metrics, efficiency, training cost, provenance."""
+    from bench.store import find_record, read_record
+
+    try:
+        path = find_record(run_ref, list(out))
+        rec = read_record(path)
+    except BenchError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        out_console.print_json(json.dumps(rec, default=str))
+        return
+    c = rec["cell"]
+    lines = [f"[bold]{rec['cell_id']}[/bold]  ({path})",
+             f"status: {rec['status']}" + (f" — {rec['reason']}" if rec.get("reason") else "")]
+    if rec["status"] == "ok":
+        lines.append("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in rec["metrics"].items())
+                     + f"; {rec['aggregate']['name']} subtask score {rec['score']:.4f}")
+        eff = rec.get("efficiency") or {}
+        lines.append(f"params {eff.get('params')}, FLOPs/sample {eff.get('flops_per_sample')} ({eff.get('input')})")
+        for name, lat in (eff.get("latency") or {}).items():
+            if lat:
+                lines.append(f"latency {name}: median {lat['median_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, "
+                             f"IQR/median {lat['spread']:.1%}{' (noisy)' if lat.get('noisy') else ''}")
+        for name, mem in (eff.get("memory") or {}).items():
+            if mem:
+                lines.append(f"peak memory {name}: {mem['peak_bytes'] / 2**20:.1f} MiB ({mem.get('method', '')})")
+        for k, v in (eff.get("errors") or {}).items():
+            lines.append(f"[yellow]{k} not measured:[/yellow] {v}")
+        tr = rec.get("training") or {}
+        lines.append(f"training: {tr.get('steps')} steps, {tr.get('samples')} samples, {tr.get('wall_s')} s, "
+                     f"teacher forward passes {tr.get('teacher_forward_passes')}")
+        for note in rec.get("notes") or []:
+            lines.append(f"note: {note}")
+    lines.append(f"tier {c['tier']}, profile {c['profile']}, seed {c['seed']}, config {rec.get('config_hash')}, "
+                 f"git {(rec.get('git') or {}).get('commit')}{' (dirty)' if (rec.get('git') or {}).get('dirty') else ''}")
+    if rec.get("traceback"):
+        lines.append(rec["traceback"])
+    out_console.print("\n".join(lines), highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted; finished cells are recorded, an unfinished one resumes from its checkpoint")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

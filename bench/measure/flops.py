@@ -1,0 +1,282 @@
+"""FLOPs and MACs of a forward pass, from ``torch.utils.flop_counter.FlopCounterMode``.
+
+Why this counter (measurement.md §4 and §7.5): the tools in use disagree by up to 2x, mostly because
+some return MACs under the name "flops" (fvcore's ``FlopCountAnalysis`` counts "one fused multiply-add
+as one flop"; thop and ptflops return MACs too) and because fused attention kernels are invisible to
+hook-based counters. ``FlopCounterMode`` intercepts aten ops with a ``TorchDispatchMode``, so it sees
+what actually runs, and its formulas count **2 FLOPs per multiply-accumulate** (``mm`` = 2·m·n·k). We
+store FLOPs and derive ``macs = flops / 2``.
+
+Conventions (the same as ``FlopCounterMode``'s built-in formulas, stated here because they decide the
+numbers on the leaderboard):
+
+- Only matmul-like work is counted: mm/addmm/bmm/baddbmm, convolutions, attention. Norms, softmax,
+  activations, element-wise ops and bias additions count 0 (about 1% on ResNet-50, §4.2).
+- Attention counts the two matmuls QKᵀ and AV: ``2·(2·B·H·Lq·Lk·D)`` FLOPs forward. **No causal
+  discount**: a causal mask does not halve the count (torch's CUDA SDPA formulas make the same choice,
+  "NB: We aren't accounting for causal attention here").
+- The backward of attention counts five matmuls (recomputed scores, dV, dP, dQ, dK), like torch's
+  formulas for the CUDA SDPA kernels.
+
+What we add to torch's registry (``_extra_formulas``), per-counter through ``custom_mapping`` so nothing
+global is patched:
+
+- ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward. Without them CPU SDPA counts
+  **0** in torch 2.14 (verified; measurement.md §4 cites allenai/olmoearth_pretrain PR #605 and other
+  repositories that add it through ``custom_mapping``). Every HF model with ``attn_implementation="sdpa"``
+  on CPU goes through this kernel.
+- ``aten._scaled_dot_product_attention_math_for_mps`` and the "overrideable" fused SDPA (XPU and other
+  out-of-tree backends) with the same formula, where this torch has them.
+- ``mv``, ``addmv``, ``dot``, ``vdot`` and ``_addmm_activation`` (matrix-vector and fused addmm+activation
+  kernels that are leaves on CPU and otherwise count 0).
+
+Ops that look matmul/conv/attention-like but have no formula (for example ``nn.TransformerEncoderLayer``'s
+``eval()`` + ``no_grad`` fast path, ``aten._transformer_encoder_layer_fwd``, §4) are reported in
+`FlopCount.uncounted`; ``strict=True`` turns them into an error (§4.2: "fail when a matmul-like aten op
+is left uncounted"). They are found by a second dispatch mode placed *below* the counter, which therefore
+sees exactly the leaf ops the counter executed (after the counter's own decompositions).
+
+``FlopCounterMode`` works on the ``meta`` device and under ``FakeTensorMode``, so large models can be
+counted without allocating their weights (see the tests for a BERT-base count at 11.17 GMACs).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from bench.measure._errors import UncountedOpsError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["FlopCount", "count_flops", "is_matmul_like", "model_flops_per_sample"]
+
+
+@dataclass
+class FlopCount:
+    """The result of one count.
+
+    ``flops`` counts 2 per multiply-accumulate; ``macs`` is ``flops // 2``. ``by_op`` maps aten op names
+    (``"aten.addmm"``) to FLOPs. ``uncounted`` lists matmul/conv/attention-like ops that ran without a
+    formula (sorted, unique): a non-empty list means ``flops`` is a lower bound. ``batch_size`` is the
+    divisor already applied (1 for a raw count; `model_flops_per_sample` sets it). ``inputs`` records the
+    input shapes counted, when known.
+    """
+
+    flops: int
+    by_op: dict[str, int] = field(default_factory=dict)
+    uncounted: list[str] = field(default_factory=list)
+    batch_size: int = 1
+    inputs: dict[str, list[int]] = field(default_factory=dict)
+    macs: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Every formula counts 2 per MAC, so flops is even; integer division keeps JSON integers.
+        self.macs = self.flops // 2
+
+    @property
+    def complete(self) -> bool:
+        """True when no matmul-like op went uncounted."""
+        return not self.uncounted
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (for run records)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlopCount:
+        """Inverse of `to_dict` (``macs`` is recomputed from ``flops``)."""
+        return cls(**{k: v for k, v in data.items() if k != "macs"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Formulas added to torch's registry. They receive shapes (FlopCounterMode's ``shape_wrapper`` turns
+# tensors into their shapes) and return FLOPs, 2 per MAC.
+# --------------------------------------------------------------------------------------------------
+
+
+def _attention_dims(query: Any, key: Any, value: Any) -> tuple[int, int, int, int, int]:
+    """(batch*heads, Lq, Lk, D, Dv) from q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv).
+
+    Batch*heads comes from the *query*, so grouped-query attention (fewer K/V heads, broadcast by the
+    kernel) is counted at the work actually done per query head.
+    """
+    *lead, lq, d = query
+    lk = key[-2]
+    dv = value[-1]
+    return math.prod(lead), lq, lk, d, dv
+
+
+def _sdpa_forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Scores QKᵀ plus output AV; masks, scale, dropout and softmax are not counted, causal not discounted."""
+    bh, lq, lk, d, dv = _attention_dims(query, key, value)
+    return 2 * bh * lq * lk * d + 2 * bh * lq * lk * dv
+
+
+def _sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Five matmuls: recomputed scores (QKᵀ), dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q.
+
+    The flash-style CPU kernel recomputes the scores from the saved logsumexp, so the recompute is real
+    work; torch's formulas for the CUDA kernels use the same five products.
+    """
+    bh, lq, lk, d, dv = _attention_dims(query, key, value)
+    return 2 * bh * lq * lk * (3 * d + 2 * dv)
+
+
+def _mv_flops(mat, vec, *args, out_shape=None, **kwargs) -> int:
+    return 2 * mat[0] * mat[1]
+
+
+def _addmv_flops(self_, mat, vec, *args, out_shape=None, **kwargs) -> int:
+    return 2 * mat[0] * mat[1]
+
+
+def _dot_flops(a, b, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a[0]
+
+
+def _addmm_activation_flops(self_, mat1, mat2, *args, out_shape=None, **kwargs) -> int:
+    # same work as addmm; the fused activation is element-wise and, as everywhere, not counted
+    return 2 * mat1[0] * mat1[1] * mat2[1]
+
+
+@lru_cache(maxsize=1)
+def _extra_formulas() -> dict[Any, Callable[..., int]]:
+    """Op packet -> formula, for the ops this torch build has (names differ across torch versions)."""
+    import torch
+
+    aten = torch.ops.aten
+    wanted = {
+        "_scaled_dot_product_flash_attention_for_cpu": _sdpa_forward_flops,
+        "_scaled_dot_product_flash_attention_for_cpu_backward": _sdpa_backward_flops,
+        "_scaled_dot_product_attention_math_for_mps": _sdpa_forward_flops,
+        "_scaled_dot_product_fused_attention_overrideable": _sdpa_forward_flops,
+        "_scaled_dot_product_fused_attention_overrideable_backward": _sdpa_backward_flops,
+        "mv": _mv_flops,
+        "addmv": _addmv_flops,
+        "dot": _dot_flops,
+        "vdot": _dot_flops,
+        "_addmm_activation": _addmm_activation_flops,
+    }
+    mapping: dict[Any, Callable[..., int]] = {}
+    for name, formula in wanted.items():
+        try:
+            packet = getattr(aten, name)
+        except (AttributeError, RuntimeError):
+            continue  # not in this torch build
+        mapping[packet] = formula
+    return mapping
+
+
+# --------------------------------------------------------------------------------------------------
+# Detecting matmul-like ops that have no formula
+# --------------------------------------------------------------------------------------------------
+
+# Name tokens (op names split on "_") that mark matmul-, conv- or attention-like work. Matching whole
+# tokens avoids false hits such as "convert_element_type" or "upsample_bilinear2d".
+_MATMUL_TOKENS = frozenset(
+    {
+        "mm", "bmm", "addmm", "addbmm", "baddbmm", "matmul", "mv", "addmv", "dot", "vdot", "addr",
+        "gemm", "gemv", "einsum", "tensordot", "linear", "bilinear", "trilinear", "cdist",
+        "convolution", "attention", "attn", "sdpa", "transformer", "lstm", "gru", "rnn",
+    }
+)
+_CONV_TOKEN = re.compile(r"conv(\d+d)?|conv_?transpose\d*d?")
+
+
+def is_matmul_like(op_name: str) -> bool:
+    """Whether an op name (``"aten._transformer_encoder_layer_fwd"``) denotes matmul/conv/attention work."""
+    base = op_name.rsplit(".", 1)[-1].lower()
+    for token in base.split("_"):
+        if token in _MATMUL_TOKENS or _CONV_TOKEN.fullmatch(token):
+            return True
+    return "scaled_dot_product" in base
+
+
+def _leaf_recorder():
+    """A dispatch mode that records the packet of every op reaching it, then runs the op unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _LeafOpRecorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[Any] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func._overloadpacket)
+            return func(*args, **(kwargs or {}))
+
+    return _LeafOpRecorder()
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def count_flops(fn: Callable[[], Any], *, strict: bool = False) -> FlopCount:
+    """Run ``fn()`` once under ``FlopCounterMode`` (with `_extra_formulas`) and return its `FlopCount`.
+
+    ``fn`` runs for real on whatever tensors it closes over (real, ``meta`` or fake), including any
+    backward it calls. With ``strict=True``, raise `UncountedOpsError` if a matmul/conv/attention-like op
+    ran without a formula; otherwise such ops are listed in ``uncounted`` and the caller decides.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    recorder = _leaf_recorder()
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
+    # The recorder is entered first, so it sits *below* the counter on the mode stack: the counter sees
+    # each op first, decomposes what it has no formula for, and the ops it finally executes fall through
+    # to the recorder. The recorder thus sees the same leaf ops the counter looked up.
+    with recorder, counter:
+        fn()
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items() if n}
+    uncounted = sorted(
+        str(op)
+        for op in recorder.seen
+        if op not in counter.flop_registry and is_matmul_like(str(op))
+    )
+    result = FlopCount(flops=int(counter.get_total_flops()), by_op=by_op, uncounted=uncounted)
+    if strict and uncounted:
+        raise UncountedOpsError(uncounted)
+    return result
+
+
+def model_flops_per_sample(
+    model: nn.Module,
+    forward: Callable[[nn.Module, dict], Any],
+    inputs: dict,
+    batch_size: int,
+    *,
+    strict: bool = False,
+) -> FlopCount:
+    """FLOPs of one inference forward per sample: ``forward(model, inputs)`` in eval mode under no_grad,
+    divided by ``batch_size`` (the batch size of ``inputs``).
+
+    The model's train/eval flag is restored afterwards. Division is exact for models whose work scales
+    with the batch; batch-independent work (rare) is spread over the batch and rounded to an integer.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            total = count_flops(lambda: forward(model, inputs), strict=strict)
+    finally:
+        model.train(was_training)
+    shapes = {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    return FlopCount(
+        flops=round(total.flops / batch_size),
+        by_op={op: round(n / batch_size) for op, n in total.by_op.items()},
+        uncounted=total.uncounted,
+        batch_size=batch_size,
+        inputs=shapes,
+    )

@@ -1,0 +1,274 @@
+"""Runs a resolved suite: one cell per (task, subtask, method, seed), each ending in one record.
+
+A cell is skipped (and recorded as such, with the reason) when the method does not support the
+task's domain or subtask, or when the task cannot run at this tier (missing data). A cell that
+raises is recorded as failed with the traceback; the other cells still run. A finished cell whose
+resolved configuration is unchanged is not run again unless ``force`` is given.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import bench
+from bench import BenchError, progress, registry
+from bench.api import Method, Task, TaskEnv, TrainConfig
+from bench.config import Resolved, config_hash
+from bench.store import RECORD_SCHEMA_VERSION, Cell, Store
+
+ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+            "CUDA_VISIBLE_DEVICES", "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED", "BENCH_DATA", "BENCH_CACHE")
+PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "pydantic", "datasets", "scikit-learn", "scipy",
+            "timm", "torchvision", "diffusers", "lm-eval")
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    cache_dir: Path
+    data_root: Path | None
+    profile: dict[str, Any]
+    force: bool = False
+    device: str = "cpu"
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    status: str
+    path: Path
+    reused: bool = False
+    reason: str | None = None
+
+
+@dataclass
+class RunSummary:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance
+# --------------------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version(), "bench": bench.__version__}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_state(path: Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the checkout bench runs from (None outside a git checkout)."""
+    where = path or Path(bench.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                                capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment() -> dict[str, str]:
+    return {k: os.environ[k] for k in ENV_VARS if k in os.environ}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cells
+# --------------------------------------------------------------------------------------------------
+
+
+def train_config(task: Task, resolved: Resolved) -> TrainConfig:
+    """The task's declared budget with the suite's ``train`` overrides applied."""
+    from dataclasses import replace
+
+    cfg = task.training()
+    o = resolved.suite.train
+    optim = cfg.optim
+    changes = {k: v for k, v in (("lr", o.lr), ("weight_decay", o.weight_decay), ("warmup_ratio", o.warmup_ratio),
+                                 ("grad_clip", o.grad_clip)) if v is not None}
+    if changes:
+        optim = replace(optim, **changes)
+    return TrainConfig(steps=o.steps or cfg.steps, batch_size=o.batch_size or cfg.batch_size,
+                       eval_batch_size=cfg.eval_batch_size, optim=optim)
+
+
+def cell_config(cell: Cell, task: Task, method: Method, cfg: TrainConfig | None) -> dict[str, Any]:
+    """Everything that determines a cell's results; its hash decides whether a record is reusable."""
+    return {
+        "task": cell.task, "subtask": cell.subtask, "tier": cell.tier, "seed": cell.seed,
+        "task_version": type(task).version, "task_params": task.params.model_dump(mode="json"),
+        "method": cell.method, "method_version": type(method).version,
+        "method_params": method.params.model_dump(mode="json"),
+        "train": None if cfg is None else {"steps": cfg.steps, "batch_size": cfg.batch_size,
+                                           "eval_batch_size": cfg.eval_batch_size, "optim": cfg.optim.__dict__},
+        "profile": cell.profile,
+    }
+
+
+def _base_record(cell: Cell, opts: RunOptions, cfg: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "schema_version": RECORD_SCHEMA_VERSION, "cell_id": cell.id, "cell": cell.as_dict(),
+        "status": None, "reason": None, "traceback": None,
+        "config": cfg, "config_hash": config_hash(cfg) if cfg is not None else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "profile": opts.profile,
+    }
+
+
+def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: RunOptions, store: Store,
+             measure: bool, checkpoint_every: int | None, checkpoint_seconds: float,
+             provenance: dict[str, Any]) -> dict[str, Any]:
+    """Train (unless the row is the teacher), evaluate, measure; return the complete record."""
+    from bench.measure.efficiency import efficiency
+    from bench.train import train
+
+    t_start = time.perf_counter()
+    config = cell_config(cell, task, method, cfg)
+    rec = _base_record(cell, opts, config)
+    rec.update(provenance)
+    rec["data"] = task.data_fingerprint()
+    rec["notes"] = task.notes()
+    teacher_name = None
+    if method.role != "student":
+        pool = task.teacher_pool()
+        teacher_name = method.select_teacher(pool, task.student_params()) if method.role == "distill" else None
+        teacher = task.teacher(teacher_name)
+        rec["teacher"] = task.teacher_info(teacher_name)
+    else:
+        teacher = None
+    if method.role == "teacher":
+        model = teacher
+        rec["training"] = {"steps": 0, "samples": 0, "wall_s": 0.0, "teacher_forward_passes": 0,
+                           "note": "the teacher row evaluates the cached teacher; its fine-tuning cost is in 'teacher'"}
+    else:
+        student = task.student(cell.seed)
+        ckpt = store.checkpoint_dir(cell) / "state.pt"
+        with progress.bar(f"{cell.task}/{cell.subtask} {cell.method} seed {cell.seed}", cfg.steps) as update:
+            model, result = train(
+                method, task, student, teacher, cfg, seed=cell.seed, device=opts.device, checkpoint_path=ckpt,
+                checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+                on_step=lambda s, n, losses: update(s, " ".join(f"{k} {v:.4f}" for k, v in losses.items())),
+            )
+        rec["training"] = {
+            "steps": result.steps, "samples": result.samples, "wall_s": round(result.wall_s, 3),
+            "teacher_forward_passes": result.teacher_forward_passes, "teacher_examples": result.teacher_examples,
+            "resumed_from_step": result.resumed_from_step, "loss_log": result.loss_log,
+        }
+    rec["method_info"] = method.record_info()
+    metrics = task.evaluate(model)
+    rec["metrics"] = metrics
+    rec["metric_specs"] = [m.__dict__ for m in task.metrics()]
+    rec["score"] = task.score(metrics)
+    rec["aggregate"] = {"name": type(task).aggregate_name, "rule": type(task).aggregate_rule}
+    rec["efficiency"] = efficiency(model, task, opts.profile, measure_runtime=measure)
+    rec["status"] = "ok"
+    rec["wall_s"] = round(time.perf_counter() - t_start, 3)
+    return rec
+
+
+def execute(resolved: Resolved, opts: RunOptions) -> RunSummary:
+    """Run every cell of ``resolved``; records and checkpoints go under ``opts.out``."""
+    suite = resolved.suite
+    store = Store(opts.out)
+    summary = RunSummary()
+    profile_id = opts.profile["id"]
+    provenance = {"versions": package_versions(), "git": git_state(), "environment": environment(),
+                  "hardware": opts.profile.get("hardware", {})}
+    n_cells = sum(len(subs) for _, subs in resolved.tasks) * len(resolved.method_params) * len(suite.seeds)
+    with progress.bar("Cells", n_cells) as overall:
+        done = 0
+        for task_name, subtasks in resolved.tasks:
+            task_cls = registry.tasks.get(task_name)
+            for sub in subtasks:
+                env = TaskEnv(tier=suite.tier, subtask=sub, data_root=opts.data_root, cache_dir=opts.cache_dir,
+                              device=opts.device)
+                task = task_cls(resolved.task_params[task_name], env)
+                for method_name, params in resolved.method_params.items():
+                    for seed in suite.seeds:
+                        cell = Cell(task_name, sub, method_name, suite.tier, profile_id, seed)
+                        summary.outcomes.append(_one(cell, task, method_name, params, resolved, opts, store,
+                                                     provenance))
+                        done += 1
+                        overall(done, cell.id)
+    return summary
+
+
+def _one(cell: Cell, task: Task, method_name: str, params: Any, resolved: Resolved, opts: RunOptions,
+         store: Store, provenance: dict[str, Any]) -> Outcome:
+    method_cls = registry.methods.get(method_name)
+    method: Method = method_cls(params)
+    path = store.record_path(cell)
+    reason = None
+    if task.domain not in method_cls.domains:
+        reason = (f"method {method_name} supports the {', '.join(sorted(method_cls.domains))} domain(s); "
+                  f"task {cell.task} is {task.domain}")
+    reason = reason or method.unsupported(task) or task.unavailable()
+    if reason:
+        rec = _base_record(cell, opts, None)
+        rec.update(status="skipped", reason=reason, **provenance)
+        store.write(cell, rec)
+        progress.log(f"skipped {cell.id}: {reason}")
+        return Outcome(cell, "skipped", path, reason=reason)
+    try:
+        cfg = train_config(task, resolved)
+        chash = config_hash(cell_config(cell, task, method, cfg))
+        if not opts.force and store.finished(cell, chash):
+            return Outcome(cell, "ok", path, reused=True)
+        rt = resolved.suite.runtime
+        rec = run_cell(cell, task, method, cfg, opts, store, rt.measure, rt.checkpoint_every, rt.checkpoint_seconds,
+                       provenance)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of one cell is recorded, the run goes on
+        rec = _base_record(cell, opts, None)
+        reason = f"{type(exc).__name__}: {exc}"
+        rec.update(status="failed", reason=reason, traceback=traceback.format_exc(), **provenance)
+        store.write(cell, rec)
+        progress.log(f"[red]failed[/red] {cell.id}: {reason}")
+        return Outcome(cell, "failed", path, reason=reason)
+    store.write(cell, rec)
+    ckpt_dir = store.checkpoint_dir(cell)
+    if ckpt_dir.exists():
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return Outcome(cell, "ok", path)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "bench")
+
+
+def check_data_root(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise BenchError(f"data root {path!r} is not a directory (use --data-root DIR or BENCH_DATA; "
+                         f"the small tier expects e.g. DIR/glue/SST-2/train.tsv)")
+    return p.resolve()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the bench command")

@@ -1,0 +1,399 @@
+"""The one training loop every method runs in.
+
+The harness owns the loop so that rows are comparable: the task declares the optimiser, schedule,
+batch size and step budget; seeds and data order are fixed here; methods only turn a batch into losses.
+
+Data order is a pure function of (seed, epoch): epoch ``e`` visits the training split in the order of
+``randperm(len, generator=seed_for(seed, e))``, in batches of ``batch_size`` (the last partial batch is
+dropped). Step ``s`` therefore always sees the same examples, which makes resume from a checkpoint
+exact: a cell killed at any point and restarted produces the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from bench import BenchError
+from bench.api import Batch, Method, Outputs, Split, StepContext, Task, TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (NaN loss, method error); the cell is recorded as failed."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds and data order
+# --------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, threads: int | None = None) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels.
+
+    On CPU, identical seeds and thread counts give bit-identical runs. ``warn_only`` keeps ops that
+    have no deterministic implementation usable (they are rare on the paths bench uses).
+    """
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The example indices of optimiser step ``step`` (0-based)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    order = epoch_order(n, seed, epoch)
+    return order[pos * batch_size:(pos + 1) * batch_size]
+
+
+def to_device(batch: Batch, device: str) -> Batch:
+    if device == "cpu":
+        return batch
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def select_rows(batch: Batch, rows: list[int]) -> Batch:
+    """The sub-batch of ``rows`` (tensors and lists with a leading batch dimension)."""
+    import torch
+
+    size = len(batch["index"])
+    out: Batch = {}
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size:
+            out[k] = v.index_select(0, idx.to(v.device))
+        elif isinstance(v, list) and len(v) == size:
+            out[k] = [v[r] for r in rows]
+        else:
+            out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# What a method sees
+# --------------------------------------------------------------------------------------------------
+
+
+class HarnessContext(StepContext):
+    """The harness's StepContext: models, budget, and the teacher-output cache of one cell."""
+
+    def __init__(self, *, task: Task, student: nn.Module, teacher: nn.Module | None, total_steps: int,
+                 seed: int, device: str, train_split: Split, batch_size: int) -> None:
+        self.task = task
+        self.student = student
+        self.teacher = teacher
+        self.total_steps = total_steps
+        self.seed = seed
+        self.device = device
+        self.step = 0
+        self.train_split = train_split
+        self.batch_size = batch_size
+        # Teacher logits by example id. The teacher is frozen and in eval mode, so its output for an
+        # example never changes within a cell: each example goes through the teacher once.
+        self.teacher_cache: dict[int, torch.Tensor] = {}
+        self.teacher_forward_passes = 0
+        self.teacher_examples = 0
+
+    def problem(self):
+        return self.task.problem()
+
+    def student_outputs(self, batch: Batch) -> Outputs:
+        return self.task.forward(self.student, batch)
+
+    def label_loss(self, outputs: Outputs, batch: Batch) -> torch.Tensor:
+        return self.task.label_loss(outputs, batch)
+
+    def teacher_outputs(self, batch: Batch) -> Outputs:
+        import torch
+
+        if self.teacher is None:
+            raise TrainingError("this method asked for teacher outputs but the cell has no teacher")
+        ids = batch["index"].tolist()
+        missing = [r for r, i in enumerate(ids) if i not in self.teacher_cache]
+        if missing:
+            sub = batch if len(missing) == len(ids) else select_rows(batch, missing)
+            with torch.no_grad():
+                out = self.task.forward(self.teacher, sub)
+            self.teacher_forward_passes += 1
+            self.teacher_examples += len(missing)
+            logits = out.logits.detach()
+            for row, r in enumerate(missing):
+                self.teacher_cache[ids[r]] = logits[row]
+        return Outputs(logits=torch.stack([self.teacher_cache[i] for i in ids]))
+
+    def calibration_batches(self, n: int) -> list[Batch]:
+        """The first ``n`` batches of a fixed order (independent of the cell's seed)."""
+        order = epoch_order(len(self.train_split), seed=0, epoch=10_007)
+        bs = self.batch_size
+        return [to_device(self.train_split.batch(order[i * bs:(i + 1) * bs]), self.device)
+                for i in range(min(n, max(1, len(order) // bs)))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimisers and schedules
+# --------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig):
+    import torch
+
+    o = cfg.optim
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if any(name.endswith(nd) or nd in name for nd in o.no_decay) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    raise BenchError(f"unknown optimiser {o.name!r}; valid: adamw, sgd")
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_ratio`` of the budget, then linear/cosine decay to 0, or constant."""
+    total = cfg.steps
+    warm = int(round(cfg.optim.warmup_ratio * total))
+    kind = cfg.optim.schedule
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    samples: int = 0
+    wall_s: float = 0.0
+    teacher_forward_passes: int = 0
+    teacher_examples: int = 0
+    resumed_from_step: int | None = None
+    loss_log: list[dict[str, float]] = field(default_factory=list)
+    method_log: dict[str, float] = field(default_factory=dict)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A checkpoint, or None if there is none. A damaged one is reported and ignored (the cell restarts)."""
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        # Written by this harness for this cell: it holds the pickled student module and RNG states.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "start over"
+        bad = path.with_name(path.name + ".corrupt")
+        os.replace(path, bad)
+        print(f"warning: checkpoint {path} is unreadable ({exc}); moved to {bad.name}, restarting the cell")
+        return None
+
+
+def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | None, cfg: TrainConfig, *,
+          seed: int, device: str = "cpu", checkpoint_path: Path | None = None,
+          checkpoint_every: int | None = None, checkpoint_seconds: float = 120.0,
+          on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> tuple[nn.Module, TrainResult]:
+    """Train ``student`` with ``method`` for ``cfg.steps`` optimiser steps; return it and the costs."""
+    import torch
+
+    result = TrainResult()
+    split = task.train_data()
+    n = len(split)
+    if n == 0:
+        raise TrainingError("the training split is empty")
+    bs = min(cfg.batch_size, n)
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    ckpt = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    ctx = HarnessContext(task=task, student=student, teacher=teacher, total_steps=cfg.steps, seed=seed,
+                         device=device, train_split=split, batch_size=bs)
+    if ckpt is None:
+        seed_everything(seed)
+        student = method.init_student(teacher, student, ctx)
+        start = 0
+    else:
+        student = ckpt["student"]
+        method.load_state_dict(ckpt["method"])
+        start = ckpt["step"]
+        result.resumed_from_step = start
+    student.to(device).train()
+    ctx.student = student
+    extras = method.extra_modules()
+    for m in extras.values():
+        m.to(device).train()
+    method.setup(ctx)
+
+    modules = {"student": student, **extras}
+    optimizers = {k: build_optimizer(m, cfg) for k, m in modules.items()}
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for k, o in optimizers.items()}
+    params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in modules.items()}
+    if ckpt is not None:
+        for k, m in extras.items():
+            m.load_state_dict(ckpt["extras"][k])
+        for k in optimizers:
+            optimizers[k].load_state_dict(ckpt["optimizers"][k])
+            schedulers[k].load_state_dict(ckpt["schedulers"][k])
+        ctx.teacher_cache = ckpt["teacher_cache"]
+        ctx.teacher_forward_passes = ckpt["counters"]["teacher_forward_passes"]
+        ctx.teacher_examples = ckpt["counters"]["teacher_examples"]
+        result.loss_log = ckpt["loss_log"]
+        prior_wall = ckpt["counters"]["wall_s"]
+        _set_rng_state(ckpt["rng"])
+    else:
+        prior_wall = 0.0
+
+    log_every = max(1, cfg.steps // 20)
+    t0 = time.perf_counter()
+    last_ckpt = t0
+    for step in range(start, cfg.steps):
+        ctx.step = step
+        batch = to_device(split.batch(batch_indices(n, bs, seed, step)), device)
+        losses = method.training_step(batch, ctx)
+        if "student" not in losses and losses:
+            raise TrainingError(f"method {method.name} returned losses {sorted(losses)}; it must return "
+                                f"'student' plus keys of its extra modules {sorted(extras)}")
+        keys = [k for k in modules if k in losses]
+        unknown = set(losses) - set(modules)
+        if unknown:
+            raise TrainingError(f"method {method.name} returned losses for unknown optimisers {sorted(unknown)}")
+        for k in keys:
+            value = losses[k].detach()
+            if not torch.isfinite(value).all():
+                raise TrainingError(f"loss '{k}' is {value.item()} at step {step} (method {method.name}); "
+                                    f"training stopped — lower the learning rate or check the method's inputs")
+        for k in keys:
+            optimizers[k].zero_grad(set_to_none=True)
+        for i, k in enumerate(keys):
+            # Each loss updates only its own optimiser's parameters, even when graphs are shared
+            # (e.g. a discriminator loss that flows through the student's outputs).
+            torch.autograd.backward(losses[k], inputs=params[k], retain_graph=i < len(keys) - 1)
+        for k in keys:
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params[k], cfg.optim.grad_clip)
+            optimizers[k].step()
+            schedulers[k].step()
+        ctx.step = step
+        extra_log = method.on_step_end(ctx)
+        result.samples += len(batch["index"])
+        scalars = {k: float(losses[k].detach()) for k in keys}
+        if step % log_every == 0 or step == cfg.steps - 1:
+            result.loss_log.append({"step": step + 1, **scalars, **{k: float(v) for k, v in extra_log.items()}})
+        if on_step is not None:
+            on_step(step + 1, cfg.steps, scalars)
+        now = time.perf_counter()
+        due = (checkpoint_every and (step + 1) % checkpoint_every == 0) or (now - last_ckpt >= checkpoint_seconds)
+        if checkpoint_path is not None and due and step + 1 < cfg.steps:
+            _save_checkpoint(checkpoint_path, {
+                "step": step + 1, "student": student, "method": method.state_dict(),
+                "extras": {k: m.state_dict() for k, m in extras.items()},
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                "teacher_cache": ctx.teacher_cache, "loss_log": result.loss_log, "rng": _rng_state(),
+                "counters": {"teacher_forward_passes": ctx.teacher_forward_passes,
+                             "teacher_examples": ctx.teacher_examples,
+                             "wall_s": prior_wall + now - t0},
+            })
+            last_ckpt = now
+    result.steps = cfg.steps
+    result.samples = cfg.steps * bs
+    result.wall_s = prior_wall + time.perf_counter() - t0
+    result.teacher_forward_passes = ctx.teacher_forward_passes
+    result.teacher_examples = ctx.teacher_examples
+    result.method_log = {k: v for k, v in (result.loss_log[-1] if result.loss_log else {}).items() if k != "step"}
+    student.eval()
+    return student, result
+
+
+class _LabelsOnly(Method):
+    """Supervised training on ground truth; tasks use it to fine-tune their teachers."""
+
+    name = "labels-only"
+    domains = frozenset({"classification", "lm", "diffusion", "segmentation", "grounding"})
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {"student": ctx.label_loss(ctx.student_outputs(batch), batch)}
+
+
+def supervised(task: Task, model: nn.Module, cfg: TrainConfig, *, seed: int, device: str = "cpu",
+               description: str = "Training", checkpoint_path: Path | None = None) -> tuple[nn.Module, TrainResult]:
+    """Train ``model`` on the task's labels with the harness loop (used for teachers), with a progress bar."""
+    from bench import progress
+    from bench.api import Params
+
+    with progress.bar(description, cfg.steps) as update:
+        return train(_LabelsOnly(Params()), task, model, None, cfg, seed=seed, device=device,
+                     checkpoint_path=checkpoint_path,
+                     on_step=lambda s, n, losses: update(s, f"loss {losses.get('student', float('nan')):.4f}"))
