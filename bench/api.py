@@ -207,6 +207,14 @@ class Task:
         """Inputs at the task's declared shape, for FLOPs, latency and memory probes."""
         raise NotImplementedError
 
+    def example_batch(self, batch_size: int) -> Batch:
+        """``example_inputs`` plus whatever ``label_loss`` needs (labels): the training-step memory probe."""
+        return self.example_inputs(batch_size)
+
+    def inference_steps(self) -> int:
+        """Forward passes per sample at inference (sampler steps of an iterative student); FLOPs x this."""
+        return 1
+
     def input_description(self) -> str:
         """Human-readable declared input shape (recorded with FLOPs)."""
         return ""

@@ -25,7 +25,7 @@ app = typer.Typer(
     help="Declarative benchmark suite and leaderboard harness for knowledge distillation.\n\n"
          "Example: [bold]bench run --methods taid,minima --task glue[/bold] (smoke tier, offline, minutes on a CPU).",
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 out_console = Console()
 
 
@@ -137,6 +137,8 @@ def run(
                                                      "train.<field>, runtime.<field> or a suite field. Repeatable."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Hardware profile id (default: derived from this "
                                                                   "machine)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Run even if this machine does not match "
+                                                                        "--profile; rows are marked unverified."),
     force: bool = typer.Option(False, "--force", help="Redo cells that already have a finished record."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache for trained teachers "
                                                                        "(default $BENCH_CACHE or ~/.cache/bench)."),
@@ -152,21 +154,22 @@ def run(
         root = check_data_root(data_root or os.environ.get("BENCH_DATA") or s.data_root)
         from bench.profiles import select_profile
 
-        prof = select_profile(s.profile)
+        prof = select_profile(s.profile, allow_mismatch=allow_mismatch)
     except BenchError as exc:
         raise _fail(exc) from None
     code = _execute(resolved, root, cache_dir or default_cache_dir(), prof, force, quiet)
     raise typer.Exit(code)
 
 
-def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool, quiet: bool) -> int:
+def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool, quiet: bool,
+             print_tables: bool = True) -> int:
     from bench import leaderboard, progress
     from bench.runner import RunOptions, execute
 
     out = Path(resolved.suite.out)
     opts = RunOptions(out=out, cache_dir=Path(cache_dir), data_root=root, profile=prof, force=force,
                       device=prof.get("device", "cpu"))
-    reporter = None if quiet else _RichReporter(console)
+    reporter = None if quiet else (_RichReporter(console) if console.is_terminal else _PlainReporter(console))
     progress.set_reporter(reporter)
     try:
         if reporter:
@@ -182,7 +185,7 @@ def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool,
 
     records = [read_record(o.path) for o in summary.outcomes]
     order = list(resolved.method_params)
-    for table in leaderboard.build_tables(records, order):
+    for table in leaderboard.build_tables(records, order) if print_tables else []:
         md, csv_path = leaderboard.write(table, out)
         sys.stdout.write(leaderboard.to_markdown(table) + "\n")
         sys.stdout.flush()
@@ -229,6 +232,49 @@ class _RichReporter:
 
     def log(self, message: str) -> None:
         self.progress.console.print(message, highlight=False)
+
+
+class _PlainReporter:
+    """Progress for logs (CI, redirected output): a line at start, every 10%, and at the end of each bar."""
+
+    def __init__(self, con: Console) -> None:
+        import time
+
+        self.console, self.clock = con, time.perf_counter
+        self.bars: dict[int, list] = {}
+        self._next = 0
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def start(self, description: str, total: int | None) -> int:
+        self._next += 1
+        self.bars[self._next] = [description, total, self.clock(), 0]
+        if self._next > 1:
+            self.log(f"{description} ...")
+        return self._next
+
+    def advance(self, handle: int, completed: int, info: str = "") -> None:
+        bar = self.bars[handle]
+        description, total, _, last = bar
+        if handle == 1:  # the overall bar: one line per finished cell
+            self.log(f"[{completed}/{total}] {info}")
+        elif total and completed * 10 // total > last:
+            bar[3] = completed * 10 // total
+            self.log(f"  {description}: {completed}/{total} {info}")
+
+    def stop(self, handle: int) -> None:
+        description, _, t0, _ = self.bars.pop(handle)
+        if handle > 1:
+            self.log(f"  done in {self.clock() - t0:.1f} s: {description}")
+
+    def log(self, message: str) -> None:
+        from rich.text import Text
+
+        self.console.print(Text.from_markup(message).plain, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -291,6 +337,63 @@ def show(
     if rec.get("traceback"):
         lines.append(rec["traceback"])
     out_console.print("\n".join(lines), highlight=False)
+
+
+@app.command()
+def reproduce(
+    run_ref: str = typer.Argument(..., metavar="RUN", help="A record path, or a cell id found under --from."),
+    search: List[Path] = typer.Option([Path("runs")], "--from", help="Where to look for a cell id."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the re-run (default: a new temporary "
+                                                                 "folder)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Data root for small-tier records "
+                                                                      "(default $BENCH_DATA)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Teacher cache (default $BENCH_CACHE or "
+                                                                       "~/.cache/bench)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Re-run even if this machine does not "
+                                                                        "match the record's declared profile."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Re-run the cell a record describes and print each metric's difference (exit 1 if any differs)."""
+    import tempfile
+
+    from bench.config import resolve
+    from bench.reproduce import compare, provenance_notes, suite_from_record
+    from bench.runner import check_data_root, default_cache_dir
+    from bench.store import Cell, Store, find_record, read_record
+
+    try:
+        path = find_record(run_ref, list(search))
+        old = read_record(path)
+        target = out or Path(tempfile.mkdtemp(prefix="bench-reproduce-"))
+        suite = suite_from_record(old, target)
+        resolved = resolve(suite)
+        root = check_data_root(data_root or os.environ.get("BENCH_DATA"))
+        from bench.profiles import select_profile
+
+        prof = select_profile(suite.profile, allow_mismatch=allow_mismatch)
+    except BenchError as exc:
+        raise _fail(exc) from None
+    console.print(f"reproducing {old['cell_id']} from {path} into {target}")
+    code = _execute(resolved, root, cache_dir or default_cache_dir(), prof, True, quiet, print_tables=False)
+    c = old["cell"]
+    new_path = Store(target).record_path(Cell(c["task"], c["subtask"], c["method"], c["tier"], prof["id"], c["seed"]))
+    new = read_record(new_path)
+    if new["status"] != "ok":
+        console.print(f"[red]the re-run failed:[/red] {new.get('reason')}")
+        raise typer.Exit(1)
+    rows, exact = compare(old, new)
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'quantity':<{width}}  {'original':>14}  {'reproduced':>14}  difference"]
+    for name, a, b, diff in rows:
+        fa = f"{a:.6g}" if isinstance(a, float) else str(a)
+        fb = f"{b:.6g}" if isinstance(b, float) else str(b)
+        lines.append(f"{name:<{width}}  {fa:>14}  {fb:>14}  {diff}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    for note in provenance_notes(old, new):
+        console.print(f"note: {note}", highlight=False)
+    console.print("every quality metric, parameter count and FLOP count reproduced exactly" if exact
+                  else "[yellow]some quantities differ (see above)[/yellow]")
+    raise typer.Exit(0 if exact and code == 0 else 1)
 
 
 def main() -> None:

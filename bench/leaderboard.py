@@ -94,6 +94,10 @@ def _table(key: tuple[str, str, str], recs: list[dict[str, Any]], method_order: 
     ran_everywhere = []
     for method in sorted(by_method, key=sort_key):
         row: dict[str, Any] = {"method": method}
+        unverified = any((r.get("profile") or {}).get("verified") is False
+                         for cells in by_method[method].values() for r in cells)
+        if unverified:
+            row["method"] = f"{method} (unverified)"
         scores, effs, seeds = [], [], set()
         for sub, col in zip(subtasks, sub_cols):
             cells = by_method[method].get(sub, [])
@@ -126,6 +130,9 @@ def _table(key: tuple[str, str, str], recs: list[dict[str, Any]], method_order: 
                      "GFLOPs per sample at the task's declared input shape (2 FLOPs per multiply-accumulate), "
                      "median latency at batch 1 in ms, peak inference memory at batch 1 in MiB.")
     footnotes.append(f"Tier: {tier}. Hardware profile: {profile}. Values are means over seeds; 'seeds' counts them.")
+    if any("(unverified)" in r["method"] for r in rows):
+        footnotes.append("(unverified): measured on hardware that does not match the declared profile "
+                         "(run with --allow-mismatch); its efficiency numbers do not belong to that profile.")
     return Table(task, tier, profile, columns, rows, footnotes)
 
 

@@ -132,7 +132,7 @@ def _base_record(cell: Cell, opts: RunOptions, cfg: dict[str, Any] | None) -> di
         "status": None, "reason": None, "traceback": None,
         "config": cfg, "config_hash": config_hash(cfg) if cfg is not None else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "profile": opts.profile,
+        "profile": {k: v for k, v in opts.profile.items() if k != "hardware"},
     }
 
 
@@ -176,15 +176,41 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
             "resumed_from_step": result.resumed_from_step, "loss_log": result.loss_log,
         }
     rec["method_info"] = method.record_info()
+    rec["efficiency"] = efficiency(model, task, opts.profile, measure_runtime=measure)
+    if method.role != "teacher":
+        rec["training"]["estimated_flops"] = _training_flops(rec, teacher, task, opts)
     metrics = task.evaluate(model)
     rec["metrics"] = metrics
     rec["metric_specs"] = [m.__dict__ for m in task.metrics()]
     rec["score"] = task.score(metrics)
     rec["aggregate"] = {"name": type(task).aggregate_name, "rule": type(task).aggregate_rule}
-    rec["efficiency"] = efficiency(model, task, opts.profile, measure_runtime=measure)
     rec["status"] = "ok"
     rec["wall_s"] = round(time.perf_counter() - t_start, 3)
     return rec
+
+
+def _training_flops(rec: dict[str, Any], teacher: Any, task: Task, opts: RunOptions) -> dict[str, Any]:
+    """Estimated training FLOPs at the declared input shape: the student's forward + backward per sample
+    seen, plus one teacher forward per example the teacher actually ran on (so caching shows)."""
+    from bench.measure.efficiency import forward_flops
+
+    per_sample = rec["efficiency"].get("training_flops_per_sample")
+    samples = rec["training"]["samples"]
+    teacher_examples = rec["training"].get("teacher_examples", 0)
+    teacher_fwd = None
+    if teacher is not None and teacher_examples:
+        try:
+            teacher_fwd = forward_flops(teacher, task, opts.device).flops
+        except Exception:  # noqa: BLE001 - an estimate; its absence is recorded as None
+            teacher_fwd = None
+    total = None
+    if per_sample is not None:
+        total = per_sample * samples + (teacher_fwd or 0) * teacher_examples
+    return {"total": total, "student_flops_per_sample": per_sample, "samples": samples,
+            "teacher_forward_flops_per_sample": teacher_fwd, "teacher_examples": teacher_examples,
+            "rule": "student forward+backward FLOPs per sample x samples + teacher forward FLOPs per sample x "
+                    "examples the teacher ran on, at the task's declared input shape (an estimate: real batches "
+                    "are padded to their longest example)"}
 
 
 def execute(resolved: Resolved, opts: RunOptions) -> RunSummary:
@@ -195,6 +221,10 @@ def execute(resolved: Resolved, opts: RunOptions) -> RunSummary:
     profile_id = opts.profile["id"]
     provenance = {"versions": package_versions(), "git": git_state(), "environment": environment(),
                   "hardware": opts.profile.get("hardware", {})}
+    import torch
+
+    # Training and measurement both run with the profile's thread count.
+    torch.set_num_threads(int(opts.profile.get("threads") or torch.get_num_threads()))
     n_cells = sum(len(subs) for _, subs in resolved.tasks) * len(resolved.method_params) * len(suite.seeds)
     with progress.bar("Cells", n_cells) as overall:
         done = 0
@@ -230,9 +260,11 @@ def _one(cell: Cell, task: Task, method_name: str, params: Any, resolved: Resolv
         store.write(cell, rec)
         progress.log(f"skipped {cell.id}: {reason}")
         return Outcome(cell, "skipped", path, reason=reason)
+    config = None
     try:
         cfg = train_config(task, resolved)
-        chash = config_hash(cell_config(cell, task, method, cfg))
+        config = cell_config(cell, task, method, cfg)
+        chash = config_hash(config)
         if not opts.force and store.finished(cell, chash):
             return Outcome(cell, "ok", path, reused=True)
         rt = resolved.suite.runtime
@@ -241,7 +273,7 @@ def _one(cell: Cell, task: Task, method_name: str, params: Any, resolved: Resolv
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of one cell is recorded, the run goes on
-        rec = _base_record(cell, opts, None)
+        rec = _base_record(cell, opts, config)
         reason = f"{type(exc).__name__}: {exc}"
         rec.update(status="failed", reason=reason, traceback=traceback.format_exc(), **provenance)
         store.write(cell, rec)

@@ -11,6 +11,7 @@ exact: a cell killed at any point and restarted produces the same metrics as an 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -54,11 +55,13 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The visiting order of epoch ``epoch`` (cached: every step of an epoch reads it)."""
     import torch
 
     g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return tuple(torch.randperm(n, generator=g).tolist())
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -66,7 +69,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     per_epoch = max(1, n // batch_size)
     epoch, pos = divmod(step, per_epoch)
     order = epoch_order(n, seed, epoch)
-    return order[pos * batch_size:(pos + 1) * batch_size]
+    return list(order[pos * batch_size:(pos + 1) * batch_size])
 
 
 def to_device(batch: Batch, device: str) -> Batch:

@@ -6,8 +6,9 @@ mixed with the ordinary label loss,
     L = (1 - alpha) * CE(y, softmax(z_s)) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)).
 
 The T^2 factor keeps the soft-target gradients' magnitude independent of T (paper, section 2). The
-KL is averaged over the batch ("batchmean"), the convention of the reference implementations in
-torchdistill and CRD (HobbitLong/RepDistiller, ``distiller_zoo/KD.py``).
+paper has no official code release; the reference implementation followed is the one the CRD
+benchmark uses (HobbitLong/RepDistiller, ``distiller_zoo/KD.py``: KL summed over classes, divided by
+the batch size, times T^2), which torchdistill's ``KDLoss`` matches.
 
 Regression subtasks (e.g. STS-B): a softmax over one output is undefined, so the documented adaptation
 treats each output as the mean of a Gaussian with standard deviation T. Then

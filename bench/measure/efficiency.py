@@ -4,68 +4,140 @@ Every probe runs on the task's declared inputs (``Task.example_inputs``) through
 ``forward`` adapter, so the timed artifact is exactly the evaluated one (MLPerf's TEST01 idea,
 measurement.md §2.2). A probe that fails leaves its value ``None`` and its reason under ``errors``;
 no column is ever dropped.
+
+* FLOPs: one FlopCounterMode pass at batch 1 (attention included, CPU SDPA registered); iterative
+  students (diffusion samplers) multiply the per-step count by ``Task.inference_steps()``.
+* Training FLOPs per sample: forward + backward of the label loss at the training batch shape.
+* Latency: the profile's threads and timing protocol (smoke cells use a short protocol, recorded).
+* Peak memory: an isolated child per measurement, for inference at every latency/throughput batch
+  size and for one training step (forward, backward, AdamW step) at the task's training batch size.
+* Utilisation: achieved FLOP/s at the throughput batch over the profile's declared peak for its dtype.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from bench.api import Task
+    from bench.api import Batch, Task
 
-#: Timing protocol per tier: smoke cells are seconds long, so their timings are quick and marked so.
-TIMING = {
-    "smoke": {"min_run_time": 0.1, "min_count": 5, "warmup": 2},
-    "default": {"min_run_time": 1.0, "min_count": 10, "warmup": 10},
-}
+#: Smoke cells last seconds, so their timings use a short protocol (recorded with the numbers).
+SMOKE_TIMING = {"min_run_time": 0.1, "min_count": 5, "warmup": 2}
+
+
+class TrainLoss:
+    """``(model, batch) -> label loss``: the training objective the memory probe back-propagates.
+
+    A class rather than a closure so that it pickles into the measuring child (with the task)."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def __call__(self, model: nn.Module, batch: Batch):
+        return self.task.label_loss(self.task.forward(model, batch), batch)
+
+
+def _on(batch: Batch, device: str) -> Batch:
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def forward_flops(model: nn.Module, task: Task, device: str = "cpu"):
+    """FlopCount of one sample at the declared input shape (one sampler step for iterative models)."""
+    from bench.measure.flops import model_flops_per_sample
+
+    return model_flops_per_sample(model, task.forward, _on(task.example_inputs(1), device), batch_size=1)
+
+
+def training_flops_per_sample(model: nn.Module, task: Task, device: str = "cpu") -> int:
+    """FLOPs of forward + backward of the label loss for one sample at the declared shape."""
+    from bench.measure.flops import count_flops
+
+    work = copy.deepcopy(model).train()
+    batch = _on(task.example_batch(2), device)
+    fc = count_flops(lambda: TrainLoss(task)(work, batch).backward())
+    return fc.flops // 2
 
 
 def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure_runtime: bool = True) -> dict[str, Any]:
-    from bench.measure.flops import model_flops_per_sample
     from bench.measure.latency import measure_model_latency
     from bench.measure.memory import measure_peak_memory
 
     model.eval()
     device = profile.get("device", "cpu")
+    steps = task.inference_steps()
     out: dict[str, Any] = {
         "params": sum(p.numel() for p in model.parameters()),
         "input": task.input_description(),
-        "flops_per_sample": None, "macs_per_sample": None, "flops_uncounted": [],
-        "latency": {}, "memory": {}, "errors": {},
+        "inference_steps": steps,
+        "flops_per_sample": None, "macs_per_sample": None, "flops_per_step": None, "flops_uncounted": [],
+        "training_flops_per_sample": None,
+        "latency": {}, "memory": {}, "training_memory": None, "utilisation": None, "errors": {},
     }
     try:
-        one = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in task.example_inputs(1).items()}
-        fc = model_flops_per_sample(model, task.forward, one, batch_size=1)
-        out.update(flops_per_sample=fc.flops, macs_per_sample=fc.macs, flops_uncounted=list(fc.uncounted))
+        fc = forward_flops(model, task, device)
+        out.update(flops_per_step=fc.flops, flops_per_sample=fc.flops * steps, macs_per_sample=fc.macs * steps,
+                   flops_uncounted=list(fc.uncounted))
     except Exception as exc:  # noqa: BLE001 - a failed probe is recorded, never fatal
-        out["errors"]["flops"] = f"{type(exc).__name__}: {exc}"
+        out["errors"]["flops"] = _err(exc)
+    try:
+        out["training_flops_per_sample"] = training_flops_per_sample(model, task, device)
+    except Exception as exc:  # noqa: BLE001
+        out["errors"]["training_flops"] = _err(exc)
     if not measure_runtime:
         out["errors"]["latency"] = out["errors"]["memory"] = "not measured (runtime.measure=false)"
         return out
-    timing = TIMING["smoke" if task.env.tier == "smoke" else "default"]
+
+    timing = SMOKE_TIMING if task.env.tier == "smoke" else dict(profile.get("timing") or {})
     out["timing_protocol"] = timing
-    sizes = list(dict.fromkeys([*profile.get("latency_batch_sizes", [1]), profile.get("throughput_batch_size", 32)]))
+    threads = profile.get("threads", 1)
     # The measuring server imports these once; children forked from it then load the model without
     # paying for imports (the model's own module, e.g. transformers' modeling_bert, takes seconds).
     preload = ("torch", type(model).__module__, type(task).__module__)
+    sizes = list(dict.fromkeys([*profile.get("latency_batch_sizes", [1]), profile.get("throughput_batch_size", 32)]))
     for bs in sizes:
         key = f"batch_{bs}"
-        inputs = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in task.example_inputs(bs).items()}
+        inputs = _on(task.example_inputs(bs), device)
         try:
-            lat = measure_model_latency(model, task.forward, inputs, threads=profile.get("threads", 1),
-                                        batch_size=bs, device=device, **timing)
+            lat = measure_model_latency(model, task.forward, inputs, threads=threads, batch_size=bs, device=device,
+                                        **timing)
             if len(lat.get("times_ms", [])) > 200:  # keep records small; the statistics stay
                 lat.pop("times_ms")
             out["latency"][key] = lat
         except Exception as exc:  # noqa: BLE001
             out["latency"][key] = None
-            out["errors"][f"latency_{key}"] = f"{type(exc).__name__}: {exc}"
+            out["errors"][f"latency_{key}"] = _err(exc)
         try:
             out["memory"][key] = measure_peak_memory(model, task.forward, inputs, device=device, preload=preload,
-                                                     threads=profile.get("threads"))
+                                                     threads=threads)
         except Exception as exc:  # noqa: BLE001
             out["memory"][key] = None
-            out["errors"][f"memory_{key}"] = f"{type(exc).__name__}: {exc}"
+            out["errors"][f"memory_{key}"] = _err(exc)
+    train_bs = task.training().batch_size
+    try:
+        out["training_memory"] = {"batch_size": train_bs, **measure_peak_memory(
+            model, TrainLoss(task), task.example_batch(train_bs), device=device, preload=preload, threads=threads,
+            train=True)}
+    except Exception as exc:  # noqa: BLE001
+        out["errors"]["training_memory"] = _err(exc)
+    out["utilisation"] = utilisation(out, profile)
     return out
+
+
+def utilisation(eff: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any] | None:
+    """Achieved FLOP/s at the throughput batch, and its fraction of the profile's declared peak."""
+    bs = profile.get("throughput_batch_size")
+    lat = (eff.get("latency") or {}).get(f"batch_{bs}")
+    if not lat or not eff.get("flops_per_sample"):
+        return None
+    achieved = eff["flops_per_sample"] * lat["samples_per_s"]
+    dtype = profile.get("dtype", "float32")
+    peak = (profile.get("peak_flops") or {}).get(dtype)
+    return {"achieved_flops_per_s": achieved, "dtype": dtype, "declared_peak_flops_per_s": peak,
+            "fraction_of_peak": achieved / peak if peak else None, "batch_size": bs}

@@ -145,6 +145,75 @@ def _addmm_activation_flops(self_, mat1, mat2, *args, out_shape=None, **kwargs) 
     return 2 * mat1[0] * mat1[1] * mat2[1]
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+    """The shape of a (non-nested) tensor, or the shape itself if one is passed."""
+    return tuple(int(n) for n in (x.shape if hasattr(x, "shape") else x))
+
+
+def _sequence_lengths(x: Any) -> list[int]:
+    """Tokens per sequence of a ``(..., L, E)`` activation: one entry ``L`` per sequence.
+
+    The fused transformer kernels below also accept *nested* tensors (``nn.TransformerEncoder`` packs a
+    padded batch into one when given ``src_key_padding_mask`` in eval; ``nn.MultiheadAttention`` passes
+    nested inputs through), and a nested tensor has no ``.shape``. Its per-sequence sizes come from
+    ``_nested_tensor_size()``, so the padding the kernel skips is not counted. A plain ``torch.Size``
+    is accepted too, in case a torch build hands shapes instead of tensors to a raw formula.
+    """
+    if getattr(x, "is_nested", False):
+        return [int(row[-2]) for row in x._nested_tensor_size().tolist()]  # one row (L_i, E) per sequence
+    *lead, length, _features = _shape(x)
+    return [length] * math.prod(lead)
+
+
+def _fused_attention_block_flops(query: Any, key: Any, qkv_weight: Any, proj_weight: Any) -> int:
+    """Input projections (Q from ``query``, K and V from ``key``), QKᵀ and AV over all heads, output
+    projection; 2 per MAC, biases, scaling, masks and softmax not counted, as everywhere.
+
+    Heads do not appear: per head the two attention matmuls cost ``Lq·Lk·(E/H)`` MACs each, and the
+    ``H`` heads add up to ``Lq·Lk·E``. ``value`` has the same sequence lengths as ``key`` (the kernel
+    requires it), so it is not needed. ``qkv_weight`` is the packed ``(3E, E)`` in-projection.
+    """
+    lq, lk = _sequence_lengths(query), _sequence_lengths(key)
+    packed_rows, e_in = _shape(qkv_weight)
+    e = packed_rows // 3
+    out_rows, out_cols = _shape(proj_weight)
+    nq, nk = sum(lq), sum(lk)
+    in_proj = 2 * e * e_in * (nq + 2 * nk)  # Q over the query tokens; K and V over the key tokens
+    attention = 2 * 2 * e * sum(a * b for a, b in zip(lq, lk))  # QKᵀ and AV, all heads
+    out_proj = 2 * nq * out_rows * out_cols
+    return in_proj + attention + out_proj
+
+
+def _native_mha_flops(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight, *args,
+                      out_val=None, **kwargs) -> int:
+    """``aten._native_multi_head_attention``: the fused inference kernel behind ``nn.MultiheadAttention``
+    in eval mode under no_grad (batch-first, same embedding size for Q/K/V), used by torchvision's ViT.
+
+    Without this formula FlopCounterMode sees one opaque leaf op and counts the whole attention block,
+    projections included, as 0 (torchvision ``vit_b_16`` came out at 11.27 instead of 17.56 GMACs).
+    """
+    return _fused_attention_block_flops(query, key, qkv_weight, proj_weight)
+
+
+def _transformer_encoder_layer_flops(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight,
+                                     proj_bias, use_gelu, norm_first, eps, norm_weight_1, norm_bias_1,
+                                     norm_weight_2, norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2,
+                                     *args, out_val=None, **kwargs) -> int:
+    """``aten._transformer_encoder_layer_fwd``: ``nn.TransformerEncoderLayer``'s eval + no_grad fast path,
+    one kernel for self-attention (as `_native_mha_flops`) plus the two feed-forward linears
+    ``E→F`` and ``F→E``. Layer norms, activation and residual additions count 0, as everywhere.
+    """
+    tokens = sum(_sequence_lengths(src))
+    ffn = sum(2 * tokens * math.prod(_shape(w)) for w in (ffn_weight_1, ffn_weight_2))
+    return _fused_attention_block_flops(src, src, qkv_weight, proj_weight) + ffn
+
+
+# Raw formulas get the op's tensors, not their shapes (FlopCounterMode's ``custom_mapping`` skips its
+# shape wrapper for callables with ``_get_raw``), because nested-tensor inputs have no shape to take.
+_native_mha_flops._get_raw = True  # type: ignore[attr-defined]
+_transformer_encoder_layer_flops._get_raw = True  # type: ignore[attr-defined]
+
+
 @lru_cache(maxsize=1)
 def _extra_formulas() -> dict[Any, Callable[..., int]]:
     """Op packet -> formula, for the ops this torch build has (names differ across torch versions)."""
@@ -162,6 +231,8 @@ def _extra_formulas() -> dict[Any, Callable[..., int]]:
         "dot": _dot_flops,
         "vdot": _dot_flops,
         "_addmm_activation": _addmm_activation_flops,
+        "_native_multi_head_attention": _native_mha_flops,
+        "_transformer_encoder_layer_fwd": _transformer_encoder_layer_flops,
     }
     mapping: dict[Any, Callable[..., int]] = {}
     for name, formula in wanted.items():

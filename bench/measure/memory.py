@@ -222,6 +222,7 @@ def _memory_child(
     device: str,
     threads: int | None,
     use_clear_refs: bool,
+    train: bool = False,
 ) -> dict[str, Any]:
     """The measurement itself, run in the child. See the module docstring for the steps."""
     _import_all(modules)  # everything unpickling will import, so imports are not charged to the model
@@ -232,7 +233,7 @@ def _memory_child(
     forward = pickle.loads(forward_bytes)
     inputs = torch.load(inputs_path, weights_only=False)
     if device.startswith("cuda"):
-        return _cuda_child(model_path, inputs, forward, device)
+        return _cuda_child(model_path, inputs, forward, device, train)
 
     gc.collect()
     if use_clear_refs:
@@ -252,10 +253,8 @@ def _memory_child(
     if use_clear_refs:
         _reset_high_water_mark()  # load-time transients (zip reader buffers) are not inference memory
 
-    with torch.inference_mode():
-        out = forward(model, inputs)
+    _call(model, inputs, forward, train)
     hwm = _proc_status_bytes("VmHWM") if use_clear_refs else _ru_maxrss_bytes()
-    del out
 
     if use_clear_refs:
         method = ("isolated forkserver child; VmHWM reset via /proc/self/clear_refs before load and "
@@ -265,6 +264,7 @@ def _memory_child(
                   "cannot be reset, so it also covers interpreter start-up and imports (an upper bound)")
     return {
         "device": "cpu",
+        "mode": "train" if train else "inference",
         "peak_bytes": hwm - baseline,
         "model_bytes": after_load - baseline,
         "working_bytes": hwm - after_load,
@@ -279,7 +279,25 @@ def _memory_child(
     }
 
 
-def _cuda_child(model_path: str, inputs: dict, forward: Callable, device: str) -> dict[str, Any]:
+def _call(model: Any, inputs: dict, forward: Callable, train: bool) -> None:
+    """One inference call, or one training step: ``forward`` returns the loss, then backward and an AdamW
+    step (whose two moment buffers are allocated at the first step, as in a real run)."""
+    import torch
+
+    if not train:
+        with torch.inference_mode():
+            out = forward(model, inputs)
+        del out
+        return
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    loss = forward(model, inputs)
+    loss.backward()
+    optimizer.step()
+    del loss, optimizer
+
+
+def _cuda_child(model_path: str, inputs: dict, forward: Callable, device: str, train: bool = False) -> dict[str, Any]:
     """CUDA allocator counters (exact and resettable, §6). Not exercised on the development machine."""
     import torch
 
@@ -298,15 +316,14 @@ def _cuda_child(model_path: str, inputs: dict, forward: Callable, device: str) -
     after_load = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()  # peak of the call only, not of the load
 
-    with torch.inference_mode():
-        out = forward(model, inputs)
+    _call(model, inputs, forward, train)
     torch.cuda.synchronize()
     peak_allocated = torch.cuda.max_memory_allocated()
     peak_reserved = torch.cuda.max_memory_reserved()
-    del out
     host_peak = (_proc_status_bytes("VmHWM") if sys.platform.startswith("linux") else _ru_maxrss_bytes())
     return {
         "device": device,
+        "mode": "train" if train else "inference",
         "peak_bytes": peak_allocated - before,
         "model_bytes": after_load - before,
         "working_bytes": peak_allocated - after_load,
@@ -349,8 +366,13 @@ def measure_peak_memory(
     timeout: float = 300.0,
     threads: int | None = None,
     workdir: str | os.PathLike | None = None,
+    train: bool = False,
 ) -> dict[str, Any]:
     """Peak memory of one ``forward(model, inputs)`` call under ``torch.inference_mode``, in a child.
+
+    With ``train=True`` the measured call is one training step instead: ``forward`` must return the
+    loss; the child runs it in train mode, back-propagates and takes one AdamW step, so the peak covers
+    weights, gradients, the optimiser's two moment buffers and the activations kept for backward.
 
     ``forward`` must be picklable (a module-level function, or a bound method of a picklable object such
     as a Task); ``inputs`` is a dict of tensors (its batch size is the caller's to record). ``preload``
@@ -397,7 +419,7 @@ def measure_peak_memory(
         result = run_isolated(
             _memory_child,
             (model_path, inputs_path, forward_bytes, modules, device, threads,
-             use_clear_refs and start_method == "forkserver"),
+             use_clear_refs and start_method == "forkserver", train),
             what=f"peak memory of {type(model).__name__} on {device}",
             preload=preload,
             timeout=timeout,

@@ -9,42 +9,11 @@ first examples below were checked by hand against the files (``head``, ``wc -l``
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
-import os
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    """``bench.tasks.glue.<name>`` when the package imports; otherwise the module file on its own
-    (``data.py`` has no relative imports), so these tests run while the package ``__init__`` cannot."""
-    try:
-        return importlib.import_module(f"bench.tasks.glue.{name}")
-    except ImportError:
-        path = REPO / "tasks" / "glue" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"_glue_{name}_standalone", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-
-
-D = _load("data")
-
-
-@pytest.fixture(scope="module")
-def data_root() -> Path:
-    root = Path(os.environ.get("BENCH_DATA") or REPO.parent / "shared" / "data")
-    if not (root / "glue").is_dir():
-        pytest.skip(f"real GLUE data not found at {root / 'glue'} (set BENCH_DATA to the data root)")
-    return root
-
+from bench.tasks.glue import data as D
 
 needs_data = pytest.mark.needs_data
 

@@ -3,12 +3,8 @@ scikit-learn (matthews_corrcoef, f1_score, accuracy_score) and scipy (pearsonr, 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,25 +12,7 @@ import pytest
 scipy_stats = pytest.importorskip("scipy.stats")
 sk_metrics = pytest.importorskip("sklearn.metrics")
 
-
-def _load(name: str):
-    """``bench.tasks.glue.<name>`` when the package imports; otherwise the module file on its own.
-
-    The fallback keeps these tests meaningful while the package's ``__init__`` (which may need torch or
-    modules still being written) cannot import: ``data.py`` and ``metrics.py`` import nothing relative.
-    """
-    try:
-        return importlib.import_module(f"bench.tasks.glue.{name}")
-    except ImportError:
-        path = Path(__file__).resolve().parents[2] / "tasks" / "glue" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"_glue_{name}_standalone", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-
-
-M = _load("metrics")
+from bench.tasks.glue import metrics as M
 
 
 def _fixed(seed: int, n: int, k: int = 2):

@@ -1,0 +1,34 @@
+"""Shared test setup: offline by construction, temporary caches, and the real data root when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: the Hugging Face libraries are told so before anything imports them.
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_var] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_data_root() -> Path | None:
+    root = Path(os.environ.get("BENCH_DATA") or REPO.parent / "shared" / "data")
+    return root if root.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = find_data_root()
+    if root is None or not (root / "glue").is_dir():
+        pytest.skip(f"real data not found (set BENCH_DATA to the data root; looked at {root or REPO.parent / 'shared/data'})")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One teacher cache per test session, so smoke teachers are trained once for all tests."""
+    return tmp_path_factory.mktemp("bench-cache")

@@ -1,0 +1,113 @@
+"""Measurement a user can trust, end to end: profile checks, reproduction of a record, agreement of
+repeated latency measurements, and the training-step memory and FLOPs probes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.api import TaskEnv
+from bench.measure.latency import measure_model_latency
+from bench.measure.memory import measure_peak_memory
+from bench.tasks.glue import Glue
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_profile_mismatch_refuses_and_allow_mismatch_marks_rows(tmp_path, cache_dir):
+    out = tmp_path / "runs"
+    base = ["run", "--methods", "kd", "--task", "glue/rte", "--steps", "5", "--out", str(out),
+            "--cache-dir", str(cache_dir), "--set", "references=false", "--profile", "h200", "-q"]
+    refused = cli(*base)
+    assert refused.returncode == 2
+    assert "does not match hardware profile 'h200'" in refused.stderr and "--allow-mismatch" in refused.stderr
+    assert not out.exists()
+    ran = cli(*base, "--allow-mismatch")
+    assert ran.returncode == 0, ran.stderr
+    (path,) = list((out / "records").rglob("*.json"))
+    rec = json.loads(path.read_text())
+    assert rec["cell"]["profile"] == "h200"
+    assert rec["profile"]["verified"] is False and rec["profile"]["mismatches"]
+    assert "kd (unverified)" in ran.stdout
+    assert "(unverified): measured on hardware that does not match" in ran.stdout
+
+
+def test_reproduce_a_smoke_run_exactly(tmp_path, cache_dir):
+    out = tmp_path / "runs"
+    first = cli("run", "--methods", "taid", "--task", "glue/mrpc", "--out", str(out), "--cache-dir", str(cache_dir),
+                "--set", "references=false", "-q")
+    assert first.returncode == 0, first.stderr
+    (path,) = list((out / "records").rglob("*.json"))
+    again = cli("reproduce", str(path), "--out", str(tmp_path / "again"), "--cache-dir", str(cache_dir), "-q")
+    assert again.returncode == 0, again.stdout + again.stderr
+    rec = json.loads(path.read_text())
+    for metric in rec["metrics"]:
+        line = next(l for l in again.stdout.splitlines() if l.startswith(metric + " "))
+        assert line.rstrip().endswith("identical"), line
+    assert "reproduced exactly" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    task = Glue(Glue.Params(), TaskEnv("smoke", "sst2", None, tmp_path_factory.mktemp("c")))
+    return task, task.student(0).eval()
+
+
+def test_back_to_back_latency_agrees_within_10_percent(student):
+    task, model = student
+    inputs = task.example_inputs(1)
+    runs = [measure_model_latency(model, task.forward, inputs, threads=2, batch_size=1, min_run_time=1.0,
+                                  min_count=20, warmup=10) for _ in range(2)]
+    a, b = runs[0]["median_ms"], runs[1]["median_ms"]
+    assert abs(a - b) / min(a, b) <= 0.10, (a, b)
+
+
+class Wide(torch.nn.Module):
+    """64 MiB of weights (4096 x 4096 fp32); a training step adds gradients and two Adam moments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4096, 4096, bias=False)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def wide_forward(model, batch):
+    return model(batch["x"])
+
+
+def wide_loss(model, batch):
+    return model(batch["x"]).pow(2).mean()
+
+
+def test_training_step_memory_counts_gradients_and_optimizer_state():
+    model = Wide()
+    batch = {"x": torch.randn(8, 4096)}
+    weights = 4096 * 4096 * 4
+    inference = measure_peak_memory(model, wide_forward, batch)
+    training = measure_peak_memory(model, wide_loss, batch, train=True)
+    assert training["mode"] == "train" and inference["mode"] == "inference"
+    # weights + gradient + exp_avg + exp_avg_sq = 4 x 64 MiB at least
+    assert training["peak_bytes"] >= 3.9 * weights, training
+    assert inference["peak_bytes"] < 1.5 * weights, inference
+
+
+def test_training_flops_are_forward_plus_backward(student):
+    from bench.measure.efficiency import forward_flops, training_flops_per_sample
+
+    task, model = student
+    fwd = forward_flops(model, task).flops
+    train = training_flops_per_sample(model, task)
+    # Backward costs about twice the forward (gradients of inputs and weights) except for the first
+    # layer's input: the total lies between 2x and 3x the forward pass.
+    assert 2.0 * fwd < train < 3.05 * fwd
