@@ -412,16 +412,16 @@ def _quote(arg: Any) -> str:
 
 @leaderboard_app.command("build")
 def leaderboard_build(
-    sources: List[Path] = typer.Option([Path("runs")], "--from", help="Run folder(s), records/ folder(s) or record "
-                                                                      "files to read. Repeatable."),
-    task: Optional[str] = typer.Option(None, "--task", "-t", help="Only these task families, comma-separated."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="Only these hardware profiles, comma-separated."),
+    sources: List[Path] = typer.Option([Path("runs")], "--from",
+                                       help="Run folder(s), records/ folder(s) or record files. Repeatable."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Only these task families."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Only these hardware profiles."),
     tier: Optional[str] = typer.Option(None, "--tier", help="Only these tiers, comma-separated."),
-    out: Path = typer.Option(Path("leaderboards"), "--out", "-o", help="Where the tables, plots and page go."),
+    out: Path = typer.Option(Path("leaderboards"), "--out", "-o", help="Where tables, plots and page go."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the Pareto plots."),
 ) -> None:
-    """Build one table per task family, tier and profile: <task>.md and .json, a CSV per table, Pareto plots
-    (PNG, SVG) and one self-contained HTML page (index.html). Exit 2 on bad input, writing nothing."""
+    """Build one table per task family, tier and profile: <task>.md and .json, a CSV per table, Pareto
+    plots (PNG, SVG) and one self-contained HTML page (index.html). Exit 2 on bad input, writing nothing."""
     from bench.leaderboard import build_leaderboards
 
     parts = ["bench leaderboard build", *(f"--from {_quote(s)}" for s in sources)]
@@ -432,40 +432,43 @@ def leaderboard_build(
     if no_plots:
         parts.append("--no-plots")
     try:
-        result = build_leaderboards(sources, out, tasks=_split(task) or None, profiles=_split(profile) or None,
-                                    tiers=_split(tier) or None, command=" ".join(parts), plots=not no_plots)
+        result = build_leaderboards(sources, out, tasks=_split(task) or None,
+                                    profiles=_split(profile) or None, tiers=_split(tier) or None,
+                                    command=" ".join(parts), plots=not no_plots)
     except BenchError as exc:
         raise _fail(exc) from None
     for note in result.skipped[:10]:
         console.print(f"[yellow]ignored[/yellow] {note}", highlight=False)
     if len(result.skipped) > 10:
-        console.print(f"[yellow]ignored[/yellow] {len(result.skipped) - 10} more files that are not run records")
+        console.print(f"[yellow]ignored[/yellow] {len(result.skipped) - 10} more files that are not records")
     if result.duplicates:
-        console.print(f"[yellow]{len(result.duplicates)} cells have several records; the newest was used[/yellow] "
-                      f"(e.g. {result.duplicates[0]})", highlight=False)
+        console.print(f"[yellow]{len(result.duplicates)} cells have several records; the newest was "
+                      f"used[/yellow] (e.g. {result.duplicates[0]})", highlight=False)
     for t in result.tables:
-        console.print(f"{t.task} — tier {t.tier}, profile {t.profile}: {len(t.rows)} rows from {t.n_records} records",
-                      highlight=False)
+        console.print(f"{t.task} — tier {t.tier}, profile {t.profile}: {len(t.rows)} rows from {t.n_records} "
+                      "records", highlight=False)
     console.print(f"wrote {len(result.files)} files under {out} (open {out / 'index.html'})", highlight=False)
 
 
 @app.command()
 def gate(
-    baseline: Path = typer.Option(..., "--baseline", help="Baseline JSON (e.g. leaderboards/baselines/ci-smoke.json)."),
-    current: Optional[List[Path]] = typer.Option(None, "--current", help="Run folder(s) or records to gate "
-                                                                         "(default: the suite's out, else runs)."),
-    suite: Optional[Path] = typer.Option(None, "--suite", help="Suite whose gate rules apply (default: the rules "
-                                                               "stored in the baseline)."),
-    only: Optional[str] = typer.Option(None, "--only", help="Gate only these metrics, comma-separated: quality, "
-                                                            "params, flops, latency, memory."),
-    summary: Optional[Path] = typer.Option(None, "--summary", help="Markdown summary for a pull-request comment "
-                                                                   "(default <current>/gate-summary.md)."),
-    report: Optional[Path] = typer.Option(None, "--report", help="JSON report (default <current>/gate-report.json)."),
-    update_baseline: bool = typer.Option(False, "--update-baseline", help="Write a new baseline from the current "
-                                                                          "runs instead of gating."),
+    baseline: Path = typer.Option(..., "--baseline",
+                                  help="Baseline JSON (e.g. leaderboards/baselines/ci-smoke.json)."),
+    current: Optional[List[Path]] = typer.Option(
+        None, "--current", help="Run folder(s) or records to gate (default: the suite's out, else runs)."),
+    suite: Optional[Path] = typer.Option(
+        None, "--suite", help="Suite whose gate rules apply (default: the rules stored in the baseline)."),
+    only: Optional[str] = typer.Option(
+        None, "--only", help="Gate only these metrics: quality, params, flops, latency, memory."),
+    summary: Optional[Path] = typer.Option(
+        None, "--summary", help="Markdown for a pull-request comment (default <current>/gate-summary.md)."),
+    report: Optional[Path] = typer.Option(
+        None, "--report", help="JSON report (default <current>/gate-report.json)."),
+    update_baseline: bool = typer.Option(
+        False, "--update-baseline", help="Write a new baseline from the current runs instead of gating."),
 ) -> None:
-    """Compare current run records with a baseline under the suite's per-metric rules. Exit 1 on a regression,
-    0 otherwise, 2 on bad input (nothing written)."""
+    """Compare current run records with a baseline under the suite's per-metric rules. Exit 1 on a
+    regression, 0 otherwise, 2 on bad input (nothing written)."""
     from bench import gate as g
     from bench.leaderboard import load_records
     from bench.store import atomic_write_text
@@ -483,8 +486,8 @@ def gate(
         if wanted is not None:
             bad = [m for m in wanted if m not in g.METRICS]
             if bad or not wanted:
-                raise BenchError(f"--only {only!r}: unknown metric(s) {', '.join(bad) or '(none given)'}; valid: "
-                                 f"{', '.join(g.METRICS)}")
+                raise BenchError(f"--only {only!r}: unknown metric(s) {', '.join(bad) or '(none given)'}; "
+                                 f"valid: {', '.join(g.METRICS)}")
         base = None
         if not update_baseline or baseline.exists():
             try:
@@ -498,14 +501,16 @@ def gate(
         where = ", ".join(str(r) for r in roots)
         records, _skipped = load_records(roots)
         if not records:
-            raise BenchError(f"no run records under {where} (bench run writes them to <out>/records/; give --current "
-                             "a run folder, its records/ folder or record files)")
+            raise BenchError(f"no run records under {where} (bench run writes them to <out>/records/; give "
+                             "--current a run folder, its records/ folder or record files)")
         if update_baseline:
-            cmd = " ".join(["bench gate", f"--baseline {_quote(baseline)}", *(f"--current {_quote(r)}" for r in roots),
+            cmd = " ".join(["bench gate", f"--baseline {_quote(baseline)}",
+                            *(f"--current {_quote(r)}" for r in roots),
                             *([f"--suite {_quote(suite)}"] if suite else []), "--update-baseline"])
             data = g.make_baseline(records, rules, suite_info, where, cmd)
             atomic_write_text(baseline, json.dumps(data, indent=1, allow_nan=False) + "\n")
-            console.print(f"wrote baseline {baseline}: {len(data['cells'])} cells from {where}", highlight=False)
+            console.print(f"wrote baseline {baseline}: {len(data['cells'])} cells from {where}",
+                          highlight=False)
             return
         cur = g.entries(records, where)
         rep = g.compare(base, cur, rules, wanted, str(baseline), where)
@@ -515,7 +520,7 @@ def gate(
     folder = roots[0] if roots[0].is_dir() else roots[0].parent
     summary_path, report_path = summary or folder / "gate-summary.md", report or folder / "gate-report.json"
     atomic_write_text(summary_path, text)
-    atomic_write_text(report_path, json.dumps(g.json_safe(rep.as_dict()), indent=1, allow_nan=False, default=str) + "\n")
+    atomic_write_text(report_path, json.dumps(g.json_safe(rep.as_dict()), indent=1, allow_nan=False) + "\n")
     sys.stdout.write(text)
     sys.stdout.flush()
     console.print(f"wrote {summary_path} and {report_path}", highlight=False)

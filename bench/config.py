@@ -49,6 +49,56 @@ class RuntimeOptions(_Strict):
     measure: bool = Field(True, description="measure latency and memory (FLOPs and params always)")
 
 
+class QualityRule(_Strict):
+    """Quality metrics compared cell by cell (same task, subtask, method, tier and seed)."""
+
+    enabled: bool = True
+    max_drop: float = Field(0.01, ge=0, description="largest allowed drop of a quality metric in its "
+                                                    "natural units (0.01 = one point of accuracy); a metric "
+                                                    "where lower is better may rise by as much")
+    metrics: list[str] | None = Field(None, description="metric names to gate (default: every metric a "
+                                                        "record reports, e.g. accuracy, f1)")
+
+
+class CountRule(_Strict):
+    """Parameters or FLOPs per sample: deterministic counts, so gated tightly (measurement.md §5.8)."""
+
+    enabled: bool = True
+    exact: bool = Field(True, description="any change fails, a decrease too: commit the new baseline with it")
+    max_increase: float = Field(0.0, ge=0, description="when exact is false: largest allowed relative "
+                                                       "increase (0.01 = 1%)")
+
+
+class LatencyRule(_Strict):
+    """asv's rule (measurement.md §5.4): a slowdown counts only if the median ratio exceeds ``max_ratio``
+    *and* the samples differ — Mann–Whitney U at p < ``p_value`` where the sample sizes can reach it,
+    otherwise non-overlapping ``ci`` intervals of the medians."""
+
+    enabled: bool = True
+    max_ratio: float = Field(1.10, gt=1, description="current/baseline median above which a slowdown is a "
+                                                     "candidate (asv compare --factor 1.1)")
+    p_value: float = Field(0.002, gt=0, lt=1, description="two-sided Mann-Whitney U threshold (asv: 0.002)")
+    ci: float = Field(0.99, gt=0, lt=1, description="confidence of the median intervals used when p_value "
+                                                    "is out of reach for the sample sizes (asv: 99%)")
+
+
+class MemoryRule(_Strict):
+    """Peak memory (inference at each batch size, and the training step)."""
+
+    enabled: bool = True
+    max_increase: float = Field(0.10, ge=0, description="largest allowed relative increase (0.10 = 10%)")
+
+
+class GateRules(_Strict):
+    """Regression rules per metric for ``bench gate`` (a suite's optional ``gate`` section)."""
+
+    quality: QualityRule = Field(default_factory=QualityRule)
+    params: CountRule = Field(default_factory=CountRule)
+    flops: CountRule = Field(default_factory=CountRule)
+    latency: LatencyRule = Field(default_factory=LatencyRule)
+    memory: MemoryRule = Field(default_factory=MemoryRule)
+
+
 class Suite(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = "adhoc"
@@ -65,6 +115,9 @@ class Suite(_Strict):
     data_root: str | None = None
     out: str = "runs"
     profile: str | None = None
+    #: Regression rules for ``bench gate`` (defaults: quality drop <= 0.01, params and FLOPs exact,
+    #: latency x1.10 and p < 0.002, memory +10%).
+    gate: GateRules = Field(default_factory=GateRules)
 
     @field_validator("seeds")
     @classmethod
@@ -121,7 +174,8 @@ def describe_field(model: type[BaseModel], name: str) -> str:
         hi = " ".join(f"{s} {v}" for s, v in upper)
         parts.append(f"{lo} value {hi}".strip().replace("  ", " "))
     if not info.is_required():
-        parts.append(f"default {info.default!r}")
+        default = info.get_default(call_default_factory=True)
+        parts.append(f"default {default!r}")
     desc = f" — {info.description}" if info.description else ""
     return ", ".join(parts) + desc
 

@@ -1,20 +1,110 @@
-"""Run records -> leaderboard tables (markdown, CSV).
+"""Run records -> leaderboard tables: markdown, CSV, JSON, one static HTML page, Pareto plots.
 
-One table per (task family, tier, profile): a row per method, a column per subtask holding that
-subtask's score (the family's rule, e.g. GLUE's mean of F1 and accuracy for MRPC), the family's
-aggregate score, and the student's efficiency: parameters, GFLOPs per sample, latency and peak memory.
-Seeds are averaged. A failed or skipped cell shows as such; nothing is dropped silently.
+One table per (task family, tier, hardware profile): tiers and profiles are never mixed in a table,
+because a smoke-tier number and a small-tier number, or a latency on two machines, are not comparable
+(timm keeps one CSV per precision and device for the same reason, measurement.md §3.3). A row per method
+(the teacher and label-only student references first), a column per subtask holding that subtask's
+score (the family's rule, e.g. GLUE's mean of F1 and accuracy for MRPC), the family's aggregate score,
+and the evaluated model's efficiency: parameters, GFLOPs per sample, batch-1 latency and peak memory.
+
+Aggregation over seeds (lm-evaluation-harness reports a standard error per number; with the few seeds a
+distillation run has we use a bootstrap instead, `bench.stats`):
+
+* every cell shows the mean over seeds, its 95% percentile-bootstrap interval (2,000 resamples, fixed
+  seed, so a rebuilt table is identical) and ``n``; one seed shows no interval;
+* the aggregate (e.g. the GLUE score) is computed per seed over the subtasks the row has, then
+  aggregated the same way; a row missing subtasks shows how many it has (``7/8``) and never competes;
+* **best** marks the best student row of a quality column (and of latency) only where its interval
+  is disjoint from every other student row's; one seed, or an overlapping interval, means no mark.
+  The teacher is a reference, not a competitor.
+
+Failed and skipped cells are shown as such with their reasons under the table; rows measured on
+hardware that did not match the declared profile are separate rows marked *unverified*. Nothing is
+dropped. The columns and their units, the aggregate rule, the hardware profile and the tier are stated
+under every table.
+
+``bench run`` prints and writes the tables of its own records through `build_tables`, `to_markdown` and
+`write`; ``bench leaderboard build`` goes through `build_leaderboards`, which adds the JSON, the HTML page
+(`bench.html`) and the Pareto plots (`bench.plots`).
+
+Records are reduced to a small `_Rec` each and grouped in plain Python, with the intervals of every
+cell of every table computed in one vectorised numpy pass (`bench.stats.bootstrap_cis`), rather than
+through a pandas frame as DESIGN.md sketches: importing pandas alone costs about half a second of the
+10,000-record benchmark's 5 s, and `Table.frame` still hands a table to pandas for whoever wants one.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections import OrderedDict, defaultdict
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+from bench import BenchError
 
 ROLE_ORDER = {"teacher": 0, "student": 1}
+#: What a tier's numbers are good for, stated under every table (DESIGN.md "Tiers").
+TIER_NOTES = {
+    "smoke": (
+        "smoke tier: generated data and tiny random-initialised models; these rows check that the harness "
+        "works end to end and say nothing about how the methods compare on real data"
+    ),
+    "small": "small tier: real data from the data root, real pretrained teachers, CPU-sized budgets",
+    "full": "full tier: paper-scale datasets and the checkpoints named in the run's configuration",
+}
+CONFIDENCE = 0.95
+
+
+@dataclass
+class Column:
+    key: str
+    label: str
+    kind: str  # "subtask", "aggregate" or "efficiency"
+    unit: str
+    higher_is_better: bool | None = True
+
+
+@dataclass
+class Value:
+    """One cell: the mean over the row's records, its bootstrap interval, n, and what did not run."""
+
+    mean: float | None = None
+    ci: tuple[float, float] | None = None
+    n: int = 0
+    failed: int = 0
+    skipped: int = 0
+    best: bool = False
+    partial: str | None = None  # "7/8" for an aggregate over some of the table's subtasks
+    noisy: int = 0  # latency: records whose measurement was flagged noisy (IQR/median > 10%)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mean": self.mean,
+            "ci": list(self.ci) if self.ci else None,
+            "n": self.n,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "best": self.best,
+            "partial": self.partial,
+            "noisy": self.noisy,
+        }
+
+
+@dataclass
+class Row:
+    method: str
+    label: str
+    role: str  # "teacher", "student" or "method"
+    verified: bool
+    values: dict[str, Value]
+    status: str
+    seeds: int
+    #: per-column samples (one per seed, or per record for efficiency) until the intervals are filled
+    samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -22,170 +112,839 @@ class Table:
     task: str
     tier: str
     profile: str
-    columns: list[str]
-    rows: list[dict[str, Any]]
+    columns: list[Column]
+    rows: list[Row]
     footnotes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    n_records: int = 0
+    plots: dict[str, dict[str, str]] = field(default_factory=dict)  # kind -> {"png": path, "svg": path}
+    plot_note: str = ""
+
+    @property
+    def slug(self) -> str:
+        return f"{self.task}-{self.tier}-{self.profile}"
+
+    @property
+    def aggregate(self) -> Column:
+        return next(c for c in self.columns if c.kind == "aggregate")
 
     def frame(self):
+        """The table's means as a pandas DataFrame (one row per table row, display units)."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows, columns=self.columns)
+        data = [
+            {
+                "method": r.label,
+                "status": r.status,
+                "seeds": r.seeds,
+                **{c.key: r.values[c.key].mean for c in self.columns},
+            }
+            for r in self.rows
+        ]
+        return pd.DataFrame(data, columns=["method", "status", "seeds", *(c.key for c in self.columns)])
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(vals) / len(vals) if vals else None
+# --------------------------------------------------------------------------------------------------
+# Records -> compact cells
+# --------------------------------------------------------------------------------------------------
 
 
-def _get(d: dict | None, *path: str) -> Any:
-    for p in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(p)
-    return d
+def _first_batch(block: dict | None) -> tuple[str | None, dict | None]:
+    """The smallest batch size's entry of ``efficiency.latency``/``memory`` (keys ``batch_<n>``)."""
+    if not block:
+        return None, None
+    keys = [k for k in block if k.startswith("batch_") and k[6:].isdigit()]
+    if not keys:
+        return None, None
+    key = min(keys, key=lambda k: int(k[6:]))
+    return key, block.get(key)
 
 
 def efficiency_columns(rec: dict[str, Any]) -> dict[str, float | None]:
+    """The four efficiency numbers of one record, in display units (None where not measured)."""
     eff = rec.get("efficiency") or {}
-    lat = eff.get("latency") or {}
-    mem = eff.get("memory") or {}
-    first_lat = next(iter(lat.values()), None) if lat else None
-    first_mem = next(iter(mem.values()), None) if mem else None
-    params = eff.get("params")
-    flops = eff.get("flops_per_sample")
+    _, lat = _first_batch(eff.get("latency"))
+    _, mem = _first_batch(eff.get("memory"))
+    params, flops = eff.get("params"), eff.get("flops_per_sample")
+    peak = (mem or {}).get("peak_bytes")
     return {
         "params_M": params / 1e6 if params is not None else None,
         "gflops": flops / 1e9 if flops is not None else None,
-        "latency_ms": _get(first_lat, "median_ms"),
-        "peak_mem_MB": (_get(first_mem, "peak_bytes") / 2**20) if _get(first_mem, "peak_bytes") is not None else None,
+        "latency_ms": (lat or {}).get("median_ms"),
+        "peak_mem_MB": peak / 2**20 if peak is not None else None,
     }
 
 
+EFFICIENCY = (
+    ("params_M", "params (M)", "parameters of the evaluated model, in millions", False),
+    (
+        "gflops",
+        "GFLOPs",
+        (
+            "GFLOPs per sample at the task's declared input shape (2 FLOPs per multiply-accumulate, "
+            "attention included)"
+        ),
+        False,
+    ),
+    (
+        "latency_ms",
+        "latency (ms)",
+        ("median latency of one call at batch 1, in ms, under the profile's threads and timing protocol"),
+        False,
+    ),
+    (
+        "peak_mem_MB",
+        "peak mem (MiB)",
+        "peak inference memory at batch 1 in MiB, measured in an isolated process",
+        False,
+    ),
+)
+
+
+@dataclass
+class _Rec:
+    """What the tables need of one record (records are large; this keeps 10,000 of them cheap)."""
+
+    task: str
+    tier: str
+    profile: str
+    method: str
+    subtask: str
+    seed: int
+    status: str
+    verified: bool
+    score: float | None
+    eff: dict[str, float | None]
+    reason: str
+    notes: tuple[str, ...]
+    aggregate: tuple[str, str] | None
+    input: str | None
+    profile_info: dict[str, Any]
+    hardware: str
+    latency_noisy: bool
+    cell_id: str
+    created: str
+
+
+def _compact(rec: dict[str, Any]) -> _Rec:
+    c = rec["cell"]
+    prof = rec.get("profile") or {}
+    hw = rec.get("hardware") or {}
+    if hw.get("gpus"):
+        hardware = ", ".join(sorted({g.get("name", "?") for g in hw["gpus"]}))
+    else:
+        cpus = hw.get("affinity_cpu_count") or hw.get("logical_cores") or "?"
+        hardware = f"{hw.get('cpu_model') or 'unknown CPU'} ({cpus} CPUs)"
+    agg = rec.get("aggregate")
+    eff = rec.get("efficiency") or {}
+    score = rec.get("score")
+    if score is not None and (not isinstance(score, (int, float)) or math.isnan(score)):
+        score = None
+    status = rec.get("status") or "unknown"
+    return _Rec(
+        task=c["task"],
+        tier=c["tier"],
+        profile=c["profile"],
+        method=c["method"],
+        subtask=c["subtask"],
+        seed=int(c["seed"]),
+        status=status,
+        verified=prof.get("verified") is not False,
+        score=score if status == "ok" else None,
+        eff=efficiency_columns(rec) if status == "ok" else {},
+        reason=str(rec.get("reason") or ""),
+        notes=tuple(rec.get("notes") or ()),
+        aggregate=(agg["name"], agg["rule"]) if agg else None,
+        input=eff.get("input"),
+        profile_info={k: prof.get(k) for k in ("id", "kind", "description", "device", "dtype", "threads")},
+        hardware=hardware,
+        latency_noisy=bool((_first_batch(eff.get("latency"))[1] or {}).get("noisy")),
+        cell_id=rec.get("cell_id") or json.dumps(c, sort_keys=True),
+        created=str(rec.get("created") or ""),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------
+
+
+def _subtask_order(task: str, seen: list[str]) -> list[str]:
+    """The family's declared subtask order (GLUE: cola, sst2, ...) where the registry knows the task."""
+    try:
+        from bench import registry
+
+        declared = registry.tasks.describe(task).get("subtasks") or []
+    except Exception:  # noqa: BLE001 - an unregistered task (a plugin not installed here) keeps record order
+        declared = []
+    rank = {s: i for i, s in enumerate(declared)}
+    return sorted(seen, key=lambda s: (rank.get(s, len(rank)), seen.index(s)))
+
+
 def build_tables(records: Iterable[dict[str, Any]], method_order: list[str] | None = None) -> list[Table]:
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for rec in records:
-        c = rec["cell"]
-        groups[(c["task"], c["tier"], c["profile"])].append(rec)
-    return [_table(key, recs, method_order) for key, recs in sorted(groups.items())]
+    """One `Table` per (task, tier, profile) of ``records`` (full run records as `bench.store` reads them)."""
+    return _tables(_dedupe([_compact(r) for r in records])[0], method_order)
 
 
-def _table(key: tuple[str, str, str], recs: list[dict[str, Any]], method_order: list[str] | None) -> Table:
-    task, tier, profile = key
-    subtasks = list(OrderedDict.fromkeys(r["cell"]["subtask"] for r in recs))
-    agg_name, agg_rule = "score", ""
-    noted: dict[str, list[str]] = {}
-    by_method: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+def _dedupe(recs: list[_Rec]) -> tuple[list[_Rec], list[str]]:
+    """One record per cell id (the newest by ``created`` when several folders hold the same cell)."""
+    by_id: dict[str, _Rec] = {}
+    dupes: list[str] = []
+    for rec in recs:
+        old = by_id.get(rec.cell_id)
+        if old is not None:
+            dupes.append(rec.cell_id)
+            if rec.created < old.created:
+                continue
+        by_id[rec.cell_id] = rec
+    return list(by_id.values()), dupes
+
+
+def _tables(recs: list[_Rec], method_order: list[str] | None) -> list[Table]:
+    groups: dict[tuple[str, str, str], list[_Rec]] = defaultdict(list)
     for r in recs:
-        by_method[r["cell"]["method"]][r["cell"]["subtask"]].append(r)
-        if r.get("aggregate"):
-            agg_name, agg_rule = r["aggregate"]["name"], r["aggregate"]["rule"]
-        if r.get("notes"):
-            noted.setdefault(r["cell"]["subtask"], list(r["notes"]))
-    marks = {s: "†" * (i + 1) for i, s in enumerate(noted)}
-    sub_cols = [f"{s}{marks.get(s, '')}" for s in subtasks]
-    columns = ["method", *sub_cols, agg_name, "seeds", "params_M", "gflops", "latency_ms", "peak_mem_MB"]
-    order = method_order or []
+        groups[(r.task, r.tier, r.profile)].append(r)
+    tables = [_table(key, group, method_order or []) for key, group in sorted(groups.items())]
+    _fill_intervals(tables)
+    for t in tables:
+        _mark_best(t)
+    return tables
 
-    def sort_key(m: str) -> tuple[int, int, str]:
-        role = ROLE_ORDER.get(m, 2)
-        return (role, order.index(m) if m in order else len(order), m)
 
-    rows = []
-    ran_everywhere = []
-    for method in sorted(by_method, key=sort_key):
-        row: dict[str, Any] = {"method": method}
-        unverified = any((r.get("profile") or {}).get("verified") is False
-                         for cells in by_method[method].values() for r in cells)
-        if unverified:
-            row["method"] = f"{method} (unverified)"
-        scores, effs, seeds = [], [], set()
-        for sub, col in zip(subtasks, sub_cols):
-            cells = by_method[method].get(sub, [])
-            ok = [r for r in cells if r["status"] == "ok"]
-            if ok:
-                row[col] = _mean(r["score"] for r in ok)
-                scores.append(row[col])
-                effs.extend(efficiency_columns(r) for r in ok)
-                seeds.update(r["cell"]["seed"] for r in ok)
-            elif cells:
-                row[col] = cells[0]["status"]
-            else:
-                row[col] = "—"
-        row[agg_name] = _mean(scores)
-        if scores and len(scores) < len(subtasks):
-            row[agg_name + "_partial"] = f"{len(scores)}/{len(subtasks)}"
-        row["seeds"] = len(seeds)
-        for k in ("params_M", "gflops", "latency_ms", "peak_mem_MB"):
-            row[k] = _mean(e[k] for e in effs)
+def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Table:
+    task, tier, profile = key
+    seen = list(dict.fromkeys(r.subtask for r in recs))
+    subtasks = _subtask_order(task, seen)
+    agg_name, agg_rule = "score", "unweighted mean of the per-subtask scores"
+    notes: dict[str, tuple[str, ...]] = {}
+    inputs: set[str] = set()
+    rows_recs: dict[tuple[str, bool], list[_Rec]] = defaultdict(list)
+    for r in recs:
+        rows_recs[(r.method, r.verified)].append(r)
+        if r.aggregate:
+            agg_name, agg_rule = r.aggregate
+        if r.notes and r.subtask not in notes:
+            notes[r.subtask] = r.notes
+        if r.input:
+            inputs.add(r.input)
+    marks = {s: "†" * (i + 1) for i, s in enumerate(s for s in subtasks if s in notes)}
+    if agg_name in subtasks or agg_name in {k for k, *_ in EFFICIENCY}:
+        agg_name = f"{agg_name} (aggregate)"
+    columns = [Column(s, f"{s}{marks.get(s, '')}", "subtask", "subtask score x100") for s in subtasks]
+    columns.append(Column(agg_name, agg_name, "aggregate", "x100"))
+    columns += [Column(k, label, "efficiency", unit, False) for k, label, unit, _ in EFFICIENCY]
+
+    def sort_key(item: tuple[str, bool]) -> tuple:
+        method, verified = item
+        return (
+            ROLE_ORDER.get(method, 2),
+            order.index(method) if method in order else len(order),
+            method,
+            not verified,
+        )
+
+    # The aggregate covers the subtasks some row has a score for: a subtask no row could run (QQP offline
+    # at the small tier) would otherwise make every row partial and leave the table unranked.
+    scored = [
+        s for s in subtasks if any(r.subtask == s and r.status == "ok" and r.score is not None for r in recs)
+    ]
+    rows, problems = [], []
+    for method, verified in sorted(rows_recs, key=sort_key):
+        cells = rows_recs[(method, verified)]
+        row = _row(method, verified, cells, subtasks, scored, agg_name)
         rows.append(row)
-        if len(scores) == len(subtasks):
-            ran_everywhere.append(method)
-    footnotes = []
-    if agg_rule:
-        footnotes.append(f"{agg_name}: {agg_rule}. Subtasks in this table: {', '.join(subtasks)}.")
-    for s, notes in noted.items():
-        footnotes.append(f"{marks[s]} {s}: {' '.join(notes)}")
-    footnotes.append("Subtask columns and the aggregate are x100. Efficiency columns are of the evaluated model "
-                     "(the student, or the teacher in the teacher row), averaged over subtasks: parameters in millions, "
-                     "GFLOPs per sample at the task's declared input shape (2 FLOPs per multiply-accumulate), "
-                     "median latency at batch 1 in ms, peak inference memory at batch 1 in MiB.")
-    footnotes.append(f"Tier: {tier}. Hardware profile: {profile}. Values are means over seeds; 'seeds' counts them.")
-    if any("(unverified)" in r["method"] for r in rows):
-        footnotes.append("(unverified): measured on hardware that does not match the declared profile "
-                         "(run with --allow-mismatch); its efficiency numbers do not belong to that profile.")
-    return Table(task, tier, profile, columns, rows, footnotes)
+        for r in sorted(cells, key=lambda r: (subtasks.index(r.subtask), r.seed)):
+            if r.status != "ok":
+                problems.append(
+                    f"{row.label} on {r.subtask}, seed {r.seed}: {r.status}"
+                    + (f" — {r.reason}" if r.reason else "")
+                )
+    table = Table(task, tier, profile, columns, rows, problems=problems, n_records=len(recs))
+    table.footnotes = _footnotes(table, recs, subtasks, scored, agg_name, agg_rule, notes, marks, inputs)
+    return table
 
 
-def _fmt(col: str, value: Any, agg: str) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, str):
-        return value
-    if col in ("seeds",):
-        return str(value)
-    if col in ("params_M", "latency_ms", "peak_mem_MB"):
-        return f"{value:.2f}"
-    if col == "gflops":
-        return f"{value:.4f}" if value < 1 else f"{value:.2f}"
-    return f"{100 * value:.1f}"
+def _row(
+    method: str, verified: bool, cells: list[_Rec], subtasks: list[str], scored: list[str], agg_name: str
+) -> Row:
+    values: dict[str, Value] = {}
+    samples: dict[str, list[float]] = {}
+    by_sub: dict[str, list[_Rec]] = defaultdict(list)
+    for r in cells:
+        by_sub[r.subtask].append(r)
+    scores_by_seed: dict[str, dict[int, float]] = {}
+    for sub in subtasks:
+        cs = by_sub.get(sub, [])
+        ok = sorted((r for r in cs if r.status == "ok" and r.score is not None), key=lambda r: r.seed)
+        v = Value(
+            failed=sum(r.status not in ("ok", "skipped") for r in cs)
+            + sum(r.status == "ok" and r.score is None for r in cs),
+            skipped=sum(r.status == "skipped" for r in cs),
+        )
+        if ok:
+            scores_by_seed[sub] = {r.seed: 100 * r.score for r in ok}
+        values[sub] = v
+    # The aggregate per seed, over the subtasks this row has a score for, on seeds that have all of them.
+    have = [s for s in scored if s in scores_by_seed]
+    agg = Value()
+    if have:
+        seeds = set.intersection(*(set(scores_by_seed[s]) for s in have))
+        samples[agg_name] = [sum(scores_by_seed[s][seed] for s in have) / len(have) for seed in sorted(seeds)]
+        if len(have) < len(scored):
+            agg.partial = f"{len(have)}/{len(scored)}"
+    values[agg_name] = agg
+    for sub, per_seed in scores_by_seed.items():
+        samples[sub] = [per_seed[s] for s in sorted(per_seed)]
+    ok_cells = sorted((r for r in cells if r.status == "ok"), key=lambda r: (r.subtask, r.seed))
+    for key, *_ in EFFICIENCY:
+        values[key] = Value()
+        samples[key] = [r.eff[key] for r in ok_cells if r.eff.get(key) is not None]
+    values["latency_ms"].noisy = sum(r.latency_noisy for r in ok_cells if r.eff.get("latency_ms") is not None)
+    counts = defaultdict(int)
+    for r in cells:
+        counts[r.status] += 1
+    status = (
+        "ok"
+        if set(counts) == {"ok"}
+        else ", ".join(
+            f"{counts[s]} {s}"
+            for s in sorted(
+                counts,
+                key=lambda s: ("ok", "failed", "skipped").index(s) if s in ("ok", "failed", "skipped") else 3,
+            )
+        )
+    )
+    label = method if verified else f"{method} (unverified)"
+    role = method if method in ROLE_ORDER else "method"
+    seeds = len({r.seed for r in cells if r.status == "ok"})
+    return Row(method, label, role, verified, values, status, seeds, samples)
 
 
-def to_markdown(table: Table) -> str:
-    agg = table.columns[table.columns.index("seeds") - 1]
-    head = "| " + " | ".join(table.columns) + " |"
-    sep = "|" + "|".join("---" if c == "method" else "---:" for c in table.columns) + "|"
-    lines = [f"### {table.task} — tier {table.tier}, profile {table.profile}", "", head, sep]
+def _fill_intervals(tables: list[Table]) -> None:
+    """Means, n and bootstrap intervals of every cell of every table, in one vectorised pass."""
+    from bench.stats import bootstrap_cis
+
+    cells: list[Value] = []
+    samples: list[list[float]] = []
+    for t in tables:
+        for row in t.rows:
+            for key, v in row.values.items():
+                s = row.samples.get(key) or []
+                v.n = len(s)
+                v.mean = sum(s) / len(s) if s else None
+                if s:
+                    cells.append(v)
+                    samples.append(s)
+            row.samples = {}
+    for v, ci in zip(cells, bootstrap_cis(samples, CONFIDENCE)):
+        v.ci = ci
+
+
+def _mark_best(table: Table) -> None:
+    """Mark a column's best student row only where its interval is disjoint from every other's."""
+    for col in table.columns:
+        if col.kind == "efficiency" and col.key != "latency_ms":
+            continue  # params, FLOPs and memory are properties of the architecture, not contests
+        cands = [
+            r
+            for r in table.rows
+            if r.role != "teacher"
+            and r.values[col.key].mean is not None
+            and not r.values[col.key].partial
+            and (r.verified or col.kind != "efficiency")
+        ]
+        if len(cands) < 2:
+            continue
+        sign = 1 if col.higher_is_better else -1
+        top = max(cands, key=lambda r: sign * r.values[col.key].mean)
+        tv = top.values[col.key]
+        if tv.ci is None:
+            continue
+        separated = True
+        for other in cands:
+            if other is top:
+                continue
+            ov = other.values[col.key]
+            if ov.ci is None or not (tv.ci[0] > ov.ci[1] if sign > 0 else tv.ci[1] < ov.ci[0]):
+                separated = False
+                break
+        tv.best = separated
+
+
+def _footnotes(
+    table: Table,
+    recs: list[_Rec],
+    subtasks: list[str],
+    scored: list[str],
+    agg_name: str,
+    agg_rule: str,
+    notes: dict[str, tuple[str, ...]],
+    marks: dict[str, str],
+    inputs: set[str],
+) -> list[str]:
+    from bench.stats import BOOTSTRAP_RESAMPLES
+
+    unscored = [s for s in subtasks if s not in scored]
+    out = [
+        f"{agg_name}: {agg_rule}. Here over {len(scored)} subtask(s) ({', '.join(scored) or 'none'})"
+        + (f"; {', '.join(unscored)} has no score in any row and is left out" if unscored else "")
+        + ". Computed per seed over the subtasks a row has, then aggregated over seeds; a row with "
+        f"fewer than these shows how many (k/{len(scored)}) and is not ranked."
+    ]
+    for s in subtasks:
+        if s in notes:
+            out.append(f"{marks[s]} {s}: {' '.join(notes[s])}")
+    shape = f" (declared input: {', '.join(sorted(inputs))})" if inputs else ""
+    out.append(
+        "Columns and units: subtask columns and the aggregate are the subtask's score x100. "
+        + "; ".join(f"{label}: {unit}" for _, label, unit, _ in EFFICIENCY)
+        + shape
+        + ". Efficiency columns are of the evaluated model (the student, or the teacher in the teacher row), "
+        "averaged over the row's subtasks and seeds."
+    )
+    out.append(
+        f"Each cell: mean over seeds [{CONFIDENCE:.0%} percentile-bootstrap interval, "
+        f"{BOOTSTRAP_RESAMPLES:,} resamples, fixed seed]; 'n' is the number of seeds (shown in a "
+        "cell when it "
+        "is fewer than the row's); one seed has no interval, and with few seeds the interval is too narrow "
+        "rather than too wide. Best (bold here, a star on the HTML page): the best student row of the "
+        "column, its interval disjoint from every other student row's (never on one seed; the teacher is a "
+        "reference and is not ranked)."
+    )
+    infos = {}
+    hardware = set()
+    unverified = 0
+    for r in recs:
+        infos.setdefault(r.profile, r.profile_info)
+        hardware.add(r.hardware)
+        unverified += not r.verified
+    info = infos[table.profile]
+    desc = info.get("description") or (
+        f"derived from the machine ({info.get('kind')})" if info.get("kind") == "auto" else ""
+    )
+    out.append(
+        f"Hardware profile: {table.profile}"
+        + (f" — {desc}" if desc else "")
+        + f"; device {info.get('device')}, {info.get('threads')} threads, {info.get('dtype')}; measured on "
+        + "; ".join(sorted(hardware))
+        + "."
+    )
+    noisy = sum(r.latency_noisy for r in recs if r.status == "ok")
+    if noisy:
+        out.append(
+            f"Latency: {noisy} of {sum(r.status == 'ok' for r in recs)} records were measured noisy "
+            "(IQR/median "
+            "above 10%, torch.utils.benchmark's threshold: a busy or throttled machine); their cells say how "
+            "many ('k/n noisy'). Compare such latencies with care, or remeasure on a quiet machine."
+        )
+    if unverified:
+        out.append(
+            f"(unverified): {unverified} records were measured on hardware that does not match the declared "
+            "profile (run with --allow-mismatch); their efficiency numbers do not belong to that profile."
+        )
+    out.append(f"Tier: {TIER_NOTES.get(table.tier, table.tier)}.")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------------
+
+
+def fmt_number(value: float) -> str:
+    """Three significant digits without exponents (0.0961, 22.7, 1234); quality is fixed at 1 decimal."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+def fmt_value(col: Column, x: float) -> str:
+    return f"{x:.1f}" if col.kind != "efficiency" else fmt_number(x)
+
+
+def shows_interval(col: Column, v: Value) -> bool:
+    """Quality and latency cells show their interval; parameters, FLOPs and memory are properties of the
+    architecture (they vary only across subtasks' heads), and a zero-width interval says nothing."""
+    return v.ci is not None and (col.kind != "efficiency" or col.key == "latency_ms") and v.ci[0] != v.ci[1]
+
+
+def cell_text(col: Column, v: Value, row_seeds: int, markdown: bool = True) -> str:
+    """'85.3 [83.1, 87.2]', 'failed', '71.2 [70.1, 72.0] n=2 (1 failed)', '—' (not run)."""
+    if v.mean is None:
+        if v.failed or v.skipped:
+            parts = (["failed" + (f" x{v.failed}" if v.failed > 1 else "")] if v.failed else []) + (
+                ["skipped" + (f" x{v.skipped}" if v.skipped > 1 else "")] if v.skipped else []
+            )
+            return ", ".join(parts)
+        return "—"
+    text = fmt_value(col, v.mean)
+    if markdown and v.best:
+        text = f"**{text}**"
+    if shows_interval(col, v):
+        text += f" [{fmt_value(col, v.ci[0])}, {fmt_value(col, v.ci[1])}]"
+    if col.kind != "efficiency" and 0 < v.n < row_seeds:
+        text += f" n={v.n}"
+    if v.partial:
+        text += f" ({v.partial})"
+    extra = [f"{v.failed} failed"] if v.failed else []
+    extra += [f"{v.skipped} skipped"] if v.skipped else []
+    extra += [f"{v.noisy}/{v.n} noisy"] if v.noisy else []
+    if extra:
+        text += f" ({', '.join(extra)})"
+    return text
+
+
+def to_markdown(table: Table, heading: str = "###") -> str:
+    labels = ["method", *(c.label for c in table.columns), "n", "status"]
+    lines = [
+        f"{heading} {table.task} — tier {table.tier}, profile {table.profile}",
+        "",
+        "| " + " | ".join(labels) + " |",
+        "|---|" + "|".join("---:" for _ in table.columns) + "|---:|---|",
+    ]
     for row in table.rows:
-        cells = []
-        for c in table.columns:
-            text = _fmt(c, row.get(c), agg)
-            if c == agg and row.get(agg + "_partial"):
-                text += f" ({row[agg + '_partial']})"
-            cells.append(text)
+        cells = [
+            row.label,
+            *(cell_text(c, row.values[c.key], row.seeds) for c in table.columns),
+            str(row.seeds),
+            row.status,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.extend(f"- {f}" for f in table.footnotes)
+    if table.problems:
+        lines.append(f"- Failed and skipped cells ({len(table.problems)}):")
+        shown = table.problems[:20]
+        lines.extend(f"  - {p.splitlines()[0][:300]}" for p in shown)
+        if len(table.problems) > len(shown):
+            lines.append(
+                f"  - ... and {len(table.problems) - len(shown)} more (see the JSON table or the records)"
+            )
+    if table.plots:
+        links = []
+        for kind, files in table.plots.items():
+            title = PLOT_TITLES.get(kind, kind)
+            links.append(f"[{title}]({files['svg']}) ([PNG]({files['png']}))")
+        lines.append("- Pareto plots: " + ", ".join(links) + ".")
+    if table.plot_note:
+        lines.append(f"- {table.plot_note}")
     return "\n".join(lines) + "\n"
 
 
+PLOT_TITLES = {"latency": "quality vs latency", "flops": "quality vs FLOPs"}
+
+
 def to_csv(table: Table) -> str:
+    """One line per row; each column as mean, interval bounds, n and best (display units, see footnotes)."""
     import csv
     import io
 
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["task", "tier", "profile", *table.columns])
+    writer = csv.writer(buf, lineterminator="\n")
+    head = ["task", "tier", "profile", "method", "verified", "status", "seeds"]
+    for c in table.columns:
+        head += [c.key, f"{c.key}_ci_low", f"{c.key}_ci_high", f"{c.key}_n", f"{c.key}_best"]
+    writer.writerow(head)
+
+    def num(x: float | None) -> str:
+        return "" if x is None else repr(round(x, 6))
+
     for row in table.rows:
-        writer.writerow([table.task, table.tier, table.profile,
-                         *("" if row.get(c) is None else row.get(c) for c in table.columns)])
+        line = [table.task, table.tier, table.profile, row.method, row.verified, row.status, row.seeds]
+        for c in table.columns:
+            v = row.values[c.key]
+            if v.mean is None:
+                line += [cell_text(c, v, row.seeds, markdown=False), "", "", v.n, False]
+            else:
+                line += [num(v.mean), num(v.ci[0]) if v.ci else "", num(v.ci[1]) if v.ci else "", v.n, v.best]
+        writer.writerow(line)
     return buf.getvalue()
 
 
+def to_dict(table: Table) -> dict[str, Any]:
+    return {
+        "task": table.task,
+        "tier": table.tier,
+        "profile": table.profile,
+        "records": table.n_records,
+        "columns": [
+            {
+                "key": c.key,
+                "label": c.label,
+                "kind": c.kind,
+                "unit": c.unit,
+                "higher_is_better": c.higher_is_better,
+            }
+            for c in table.columns
+        ],
+        "rows": [
+            {
+                "method": r.method,
+                "label": r.label,
+                "role": r.role,
+                "verified": r.verified,
+                "status": r.status,
+                "seeds": r.seeds,
+                "values": {k: v.as_dict() for k, v in r.values.items()},
+            }
+            for r in table.rows
+        ],
+        "footnotes": table.footnotes,
+        "problems": table.problems,
+        "plots": table.plots,
+    }
+
+
 def write(table: Table, out: Path) -> tuple[Path, Path]:
+    """``bench run``'s outputs: leaderboard-<task>-<tier>-<profile>.md and .csv in the run folder."""
     from bench.store import atomic_write_text
 
-    stem = f"leaderboard-{table.task}-{table.tier}-{table.profile}"
+    stem = f"leaderboard-{table.slug}"
     md, csv_path = out / f"{stem}.md", out / f"{stem}.csv"
     atomic_write_text(md, to_markdown(table))
     atomic_write_text(csv_path, to_csv(table))
     return md, csv_path
+
+
+# --------------------------------------------------------------------------------------------------
+# bench leaderboard build
+# --------------------------------------------------------------------------------------------------
+
+
+def record_files(roots: Sequence[Path]) -> list[str]:
+    """Record JSON files under each root: a run folder (its ``records/``), a records folder, or a file."""
+    files: list[str] = []
+    for root in roots:
+        root = Path(root)
+        if root.is_file():
+            files.append(str(root))
+        elif (root / "records").is_dir():
+            files.extend(_walk(root / "records"))
+        elif root.is_dir():
+            files.extend(_walk(root))
+        else:
+            raise BenchError(
+                f"--from {root}: no such file or folder (give a run folder such as runs/, its records/ "
+                "folder, or a record JSON file)"
+            )
+    return files
+
+
+def _walk(folder: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        out.extend(
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
+            if f.endswith(".json") and not f.startswith(".")
+        )
+    return out
+
+
+def load_records(roots: Sequence[Path], compact: bool = False) -> tuple[list[Any], list[str]]:
+    """Every run record under ``roots`` and the JSON files that were skipped as not records (with why).
+
+    With ``compact``, each record is reduced to what the tables need as soon as it is parsed: 10,000 full
+    records are about half a gigabyte of Python objects, and the garbage collector's passes over them,
+    not the parsing, dominated the build time. The collector is paused while records are read (JSON has
+    no reference cycles to collect)."""
+    import gc
+
+    try:  # orjson parses records faster than the standard library
+        from orjson import loads as fast_loads
+    except ImportError:
+        fast_loads = json.loads
+    records, skipped = [], []
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for path in record_files(roots):
+            try:
+                with open(path, "rb") as fh:
+                    blob = fh.read()
+                try:
+                    data = fast_loads(blob)
+                except ValueError:  # e.g. NaN, which Python's json writes and orjson refuses
+                    data = json.loads(blob)
+            except (OSError, ValueError) as exc:
+                skipped.append(f"{path}: not readable JSON ({type(exc).__name__})")
+                continue
+            if not isinstance(data, dict) or not isinstance(data.get("cell"), dict) or "status" not in data:
+                skipped.append(f"{path}: not a bench run record")
+                continue
+            try:
+                records.append(_compact(data) if compact else data)
+            except (KeyError, TypeError, ValueError) as exc:
+                skipped.append(f"{path}: malformed record ({type(exc).__name__}: {exc})")
+    finally:
+        if enabled:
+            gc.enable()
+    return records, skipped
+
+
+@dataclass
+class BuildResult:
+    tables: list[Table]
+    files: list[Path]
+    skipped: list[str]
+    duplicates: list[str]
+
+
+def select(
+    records: list[_Rec],
+    roots: Sequence[Path],
+    tasks: list[str] | None,
+    profiles: list[str] | None,
+    tiers: list[str] | None,
+) -> list[_Rec]:
+    """Apply the --task/--profile/--tier filters; an unknown value is a BenchError naming the valid ones."""
+    where = ", ".join(str(r) for r in roots)
+    if not records:
+        raise BenchError(
+            f"no run records under {where} (bench run writes them to <out>/records/<task>/<subtask>/"
+            "*.json; give --from a run folder, its records/ folder or record files)"
+        )
+    for name, wanted, get in (
+        ("--task", tasks, lambda r: r.task),
+        ("--profile", profiles, lambda r: r.profile),
+        ("--tier", tiers, lambda r: r.tier),
+    ):
+        if not wanted:
+            continue
+        present = sorted({get(r) for r in records})
+        unknown = [w for w in wanted if w not in present]
+        if unknown:
+            import difflib
+
+            hints = [
+                f"{u!r}"
+                + (
+                    f" (did you mean {', '.join(close)}?)"
+                    if (close := difflib.get_close_matches(u, present, n=2, cutoff=0.5))
+                    else ""
+                )
+                for u in unknown
+            ]
+            raise BenchError(
+                f"{name} {', '.join(hints)}: no records with that value under {where}. "
+                f"Values present: {', '.join(present)}"
+            )
+        records = [r for r in records if get(r) in wanted]
+        if not records:  # the filters together exclude everything
+            raise BenchError(f"no records under {where} match the filters given")
+    return records
+
+
+def build_leaderboards(
+    roots: Sequence[Path],
+    out: Path,
+    *,
+    tasks: list[str] | None = None,
+    profiles: list[str] | None = None,
+    tiers: list[str] | None = None,
+    command: str | None = None,
+    plots: bool = True,
+) -> BuildResult:
+    """Read records, build every table, and write markdown/JSON per family, CSV per table, plots and HTML.
+
+    Everything is computed (and every filter checked) before the first file is written, so bad input
+    writes nothing."""
+    from bench.store import atomic_write_bytes
+
+    recs, skipped = load_records(roots, compact=True)
+    unique, dupes = _dedupe(select(recs, roots, tasks, profiles, tiers))
+    tables = _tables(unique, None)
+    written: list[Path] = []
+    plot_files: dict[str, dict[str, dict[str, bytes]]] = {}
+    if plots:
+        try:
+            from bench import plots as lplots
+        except ImportError as exc:  # matplotlib is in the report extra
+            note = (
+                f"Pareto plots not drawn: {exc.name or 'matplotlib'} is not installed "
+                "(pip install 'bench[report]')."
+            )
+            for t in tables:
+                t.plot_note = note
+        else:
+            for t in tables:
+                rendered = lplots.render_table(t)
+                plot_files[t.slug] = rendered
+                t.plots = {
+                    kind: {fmt: f"plots/{t.slug}-{kind}.{fmt}" for fmt in files}
+                    for kind, files in rendered.items()
+                }
+                if not rendered:
+                    t.plot_note = (
+                        "No Pareto plot: no row has both a quality score and the efficiency numbers."
+                    )
+    by_task: dict[str, list[Table]] = defaultdict(list)
+    for t in tables:
+        by_task[t.task].append(t)
+    header = _header(command)
+    outputs: list[tuple[Path, str | bytes]] = []
+    for task, ts in by_task.items():
+        n = sum(t.n_records for t in ts)
+        tiers = sorted(
+            {t.tier for t in ts}, key=lambda x: list(TIER_NOTES).index(x) if x in TIER_NOTES else 9
+        )
+        intro = (
+            f"{len(ts)} table(s) from {n} run records: one per tier and hardware profile. Data: "
+            f"[{task}.json]({task}.json); CSV per table; all tables on one page: [index.html](index.html)."
+        )
+        if tiers == ["smoke"]:
+            intro += (
+                "\n\n**Smoke tier only**: generated data and tiny random-initialised models. These "
+                "tables show "
+                "that the harness runs end to end and what it reports; they say nothing about how "
+                "the methods "
+                "compare on real data."
+            )
+        md = [header, f"# {task} leaderboard", "", intro, ""]
+        for t in ts:
+            md.append(f"CSV: [{t.slug}.csv]({t.slug}.csv)\n")
+            md.append(to_markdown(t, heading="##"))
+        outputs.append((out / f"{task}.md", "\n".join(md)))
+        outputs.append(
+            (
+                out / f"{task}.json",
+                json.dumps(
+                    {
+                        "schema_version": 1,
+                        "generated_by": command,
+                        "task": task,
+                        "tables": [to_dict(t) for t in ts],
+                    },
+                    indent=1,
+                    allow_nan=False,
+                    default=str,
+                )
+                + "\n",
+            )
+        )
+        for t in ts:
+            outputs.append((out / f"{t.slug}.csv", to_csv(t)))
+    for slug, kinds in plot_files.items():
+        for kind, files in kinds.items():
+            for fmt, data in files.items():
+                outputs.append((out / "plots" / f"{slug}-{kind}.{fmt}", data))
+    from bench import html
+
+    outputs.append((out / "index.html", html.page(tables, plot_files, command)))
+    for path, content in outputs:
+        atomic_write_bytes(path, content if isinstance(content, bytes) else content.encode("utf-8"))
+        written.append(path)
+    return BuildResult(tables, written, skipped, dupes)
+
+
+def _header(command: str | None) -> str:
+    cmd = command or "bench leaderboard build"
+    return (
+        "<!-- Generated by bench from run records. Do not edit by hand: regenerate with the command "
+        "below. -->\n"
+        f"Regenerate with: `{cmd}`\n"
+    )
+
+

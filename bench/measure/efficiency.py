@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from bench.api import Batch, Task
 
+#: Raw latency samples kept per measurement (enough for the gate's Mann-Whitney test).
+MAX_SAMPLES = 200
 #: Smoke cells last seconds, so their timings use a short protocol (recorded with the numbers).
 SMOKE_TIMING = {"min_run_time": 0.1, "min_count": 5, "warmup": 2}
 
@@ -107,8 +109,11 @@ def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure
         try:
             lat = measure_model_latency(model, task.forward, inputs, threads=threads, batch_size=bs, device=device,
                                         **timing)
-            if len(lat.get("times_ms", [])) > 200:  # keep records small; the statistics stay
-                lat.pop("times_ms")
+            times = lat.get("times_ms") or []
+            if len(times) > MAX_SAMPLES:  # records stay small; an even subsample keeps the distribution
+                step = len(times) / MAX_SAMPLES
+                lat["times_ms"] = [times[int(i * step)] for i in range(MAX_SAMPLES)]
+                lat["times_ms_subsampled_from"] = len(times)
             out["latency"][key] = lat
         except Exception as exc:  # noqa: BLE001
             out["latency"][key] = None
