@@ -47,6 +47,11 @@ class Metric:
     higher_is_better: bool = True
     primary: bool = False
     description: str = ""
+    #: Show this metric as its own leaderboard column (tasks whose quality is several numbers, e.g. the lm
+    #: task's perplexity and GLUE-prompt scores). ``scale`` is the display multiplier (100: a fraction
+    #: shown as points; 1: shown as is, e.g. a perplexity).
+    column: bool = False
+    scale: float = 100.0
 
 
 @dataclass
@@ -108,6 +113,59 @@ class TeacherCandidate:
     name: str
     n_params: int
     description: str = ""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One training generation of a method that trains several models in sequence.
+
+    Most methods train one student once (one generation). Iterated self-distillation (Borup & Andersen
+    2021), defensive distillation (a network trained at temperature T, then a fresh one distilled from
+    it) and two-phase recipes (DMAE: distillation pre-training, then fine-tuning) split the cell's step
+    budget into generations. The harness re-creates every optimiser and learning-rate schedule at the
+    start of each generation (the schedule runs over that generation's steps), restarts the data order,
+    and, when ``fresh_student`` is true, builds a newly initialised student (``Task.student`` with a
+    seed derived from the cell's seed and the generation index); the previous generation's student is
+    then frozen and offered to the method as ``StepContext.previous``. The total over generations is the
+    cell's step budget, the same as every other method's.
+    """
+
+    steps: int
+    fresh_student: bool = True
+    name: str = ""
+
+
+def split_steps(total: int, parts: int) -> list[int]:
+    """``total`` steps in ``min(parts, total)`` near-equal generations (earlier ones take the remainder)."""
+    parts = max(1, min(parts, total))
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class DataDomains:
+    """The data domains a task declares (DDK, Liu et al. 2024, resamples training data by domain).
+
+    ``train_domain[i]`` is the domain index (into ``names``) of training example ``i``; ``validation``
+    holds a held-out split per domain name, in the training split's batch format."""
+
+    names: tuple[str, ...]
+    train_domain: tuple[int, ...]
+    validation: dict[str, Split]
+
+
+class TeacherStore(Protocol):
+    """A teacher's outputs over the training split, kept by the task (``Task.teacher_store``), e.g. the
+    top-k teacher logits on disk of `bench.teacher_cache`, shared by every method and seed of a cell row."""
+
+    def outputs(self, batch: Batch) -> tuple[Outputs, int, int]:
+        """The teacher's outputs for ``batch`` and the teacher forward passes and examples this call ran
+        (a store built on first use reports the whole build on that call; 0 and 0 when it is read)."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """What the run record says about the store: ``used``, its key, k, path, built or read."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -211,6 +269,40 @@ class Task:
         """``example_inputs`` plus whatever ``label_loss`` needs (labels): the training-step memory probe."""
         return self.example_inputs(batch_size)
 
+    def teacher_outputs_cacheable(self) -> bool:
+        """Whether a teacher's output for an example is the same at every visit of that example.
+
+        False when training batches are augmented at random (random crops, flips): the harness then
+        runs the teacher on every batch instead of caching its outputs by example id."""
+        return True
+
+    def teacher_store(self, teacher: nn.Module) -> TeacherStore | None:
+        """Where this task keeps ``teacher``'s outputs over the training split, or None.
+
+        None (the default): the harness caches logits in memory by example id, one row per example.
+        A task whose outputs are not one row per example (the lm task: one row per scored token) or that
+        keeps teacher outputs on disk across cells returns a `TeacherStore`; the harness then takes the
+        teacher's outputs for training batches from it and adds the passes it reports to the cell's count."""
+        return None
+
+    def generation_inputs(self, batch_size: int) -> tuple[Batch, int] | None:
+        """Prompts at the task's declared generation shape and the number of tokens to generate, for the
+        tokens/s and time-to-first-token probes (`bench.measure.generation`); None for tasks whose models
+        do not generate."""
+        return None
+
+    def generate(self, model: nn.Module, batch: Batch, *, max_new_tokens: int,
+                 temperature: float | None = None) -> Batch:
+        """lm domain: ``model``'s continuation of the prompts of ``batch`` (a training batch: the task's
+        declared prompt part of each example; or a ``generation_inputs`` batch), greedy when
+        ``temperature`` is None, else sampled at that temperature. Returns a training-format batch (same
+        ``index``) whose scored positions are the generated tokens (on-policy samples, GKD)."""
+        raise NotImplementedError(f"task {self.name} does not generate")
+
+    def data_domains(self) -> DataDomains | None:
+        """The domains of the training data and a held-out split per domain, or None (no domains)."""
+        return None
+
     def inference_steps(self) -> int:
         """Forward passes per sample at inference (sampler steps of an iterative student); FLOPs x this."""
         return 1
@@ -253,12 +345,43 @@ class Method:
         """Why this method cannot run on ``task`` (the cell is reported as skipped), or None."""
         return None
 
+    #: Changes to the task's optimiser settings this method's paper prescribes (e.g. MEAL V2's weight
+    #: decay 0), as ``OptimConfig`` field -> value. Applied by the harness to every optimiser of the
+    #: cell, recorded in the cell's configuration (and so in its hash); empty for most methods.
+    optim_overrides: ClassVar[dict[str, Any]] = {}
+    #: False for methods whose teachers are their own earlier generations (self-distillation): the
+    #: harness then neither builds nor loads the task's teacher for the cell.
+    uses_task_teacher: ClassVar[bool] = True
+
     def select_teacher(self, pool: list[TeacherCandidate], student_params: int) -> str | None:
         """Pick a teacher from the task's pool; None keeps the task's default."""
         return None
 
+    def select_teachers(self, pool: list[TeacherCandidate], student_params: int) -> list[str] | None:
+        """Pick a teacher *ensemble* from the pool (MEAL V2); None means one teacher (``select_teacher``).
+
+        When a list is returned, the harness loads every named teacher; ``StepContext.teacher_outputs(
+        batch, index=k)`` gives teacher ``k``'s outputs and ``StepContext.teachers`` holds them all.
+        """
+        return None
+
+    def generations(self, total_steps: int) -> list[Generation]:
+        """How the cell's step budget is split into training generations (see `Generation`).
+
+        The steps must add up to ``total_steps``. The default is one generation: the usual single run.
+        """
+        return [Generation(total_steps, fresh_student=False)]
+
+    def on_generation_start(self, index: int, ctx: StepContext) -> None:
+        """Called when generation ``index`` (0-based) starts, after its student and optimisers exist."""
+
     def init_student(self, teacher: nn.Module, student: nn.Module, ctx: StepContext) -> nn.Module:
         """Initialise (or replace) the student from the teacher before training."""
+        return student
+
+    def finalize_student(self, student: nn.Module, ctx: StepContext) -> nn.Module:
+        """The model to evaluate and measure once training ends (e.g. a quantised student with its
+        full-precision shadow weights dropped); the default is the trained student itself."""
         return student
 
     def extra_modules(self) -> dict[str, nn.Module]:
@@ -293,11 +416,16 @@ class StepContext:
 
     task: Task
     student: nn.Module
-    teacher: nn.Module | None
-    step: int  # optimiser steps completed before the current one
+    teacher: nn.Module | None  # the first teacher (of an ensemble), or None
+    teachers: list[nn.Module]  # every teacher of the cell (one, several for an ensemble, or none)
+    step: int  # optimiser steps completed before the current one (over all generations)
     total_steps: int
     seed: int
     device: str
+    generation: int  # index of the current training generation (0 for single-generation methods)
+    generation_step: int  # optimiser steps completed in the current generation
+    generation_steps: int  # the current generation's step budget
+    previous: nn.Module | None  # the previous generation's frozen student, or None
 
     def problem(self) -> Problem:
         raise NotImplementedError
@@ -305,8 +433,21 @@ class StepContext:
     def student_outputs(self, batch: Batch) -> Outputs:
         raise NotImplementedError
 
-    def teacher_outputs(self, batch: Batch) -> Outputs:
-        """Teacher logits for ``batch``, cached by example id within the cell."""
+    def teacher_outputs(self, batch: Batch, index: int = 0) -> Outputs:
+        """Teacher ``index``'s logits for ``batch``, cached by example id within the cell (unless the
+        task's training batches are stochastic, see ``Task.teacher_outputs_cacheable``), or taken from the
+        task's own store when it keeps one (``Task.teacher_store``: e.g. the lm task's top-k cache on disk,
+        whose rebuilt outputs are log-probabilities)."""
+        raise NotImplementedError
+
+    def previous_outputs(self, batch: Batch) -> Outputs:
+        """The previous generation's logits for ``batch`` (cached like ``teacher_outputs``)."""
+        raise NotImplementedError
+
+    def run_teacher(self, fn: Any, n_examples: int, index: int = 0) -> Any:
+        """``fn(teacher)`` under ``no_grad``, counted as one teacher forward pass over ``n_examples``
+        examples and never cached: for methods that need more than logits (intermediate features of
+        a masked input, DMAE)."""
         raise NotImplementedError
 
     def label_loss(self, outputs: Outputs, batch: Batch) -> torch.Tensor:

@@ -39,14 +39,20 @@ def _split(value: str | None) -> list[str]:
 
 
 @app.command("ls")
-def ls(what: str = typer.Argument("all", help="methods, tasks or all")) -> None:
-    """List the registered methods and tasks (built-in and plugins), without importing them."""
+def ls(what: str = typer.Argument("all", help="methods, tasks, all, or one method's or task's name "
+                                                "(lists its parameters, their defaults and ranges)")) -> None:
+    """List the registered methods and tasks (built-in and plugins), without importing them; with a name,
+    list that method's or task's parameters (set them with --set NAME.PARAM=VALUE)."""
     from rich.table import Table
 
     from bench import registry
 
     if what not in ("all", "methods", "tasks"):
-        raise _fail(BenchError(f"bench ls {what!r}: expected methods, tasks or all"))
+        if what in registry.methods or what in registry.tasks:
+            _ls_params(what)
+            return
+        raise _fail(BenchError(f"bench ls {what!r}: expected methods, tasks, all, or one of "
+                               f"{', '.join(registry.methods.names() + registry.tasks.names())}"))
     try:
         if what in ("all", "methods"):
             t = Table(title="methods", title_justify="left")
@@ -67,6 +73,30 @@ def ls(what: str = typer.Argument("all", help="methods, tasks or all")) -> None:
             out_console.print(t)
     except BenchError as exc:
         raise _fail(exc) from None
+
+
+def _ls_params(name: str) -> None:
+    """The parameters of method or task ``name`` (both, when a method and a task share the name)."""
+    from rich.table import Table
+
+    from bench import registry
+    from bench.config import describe_field
+
+    for kind, reg in (("method", registry.methods), ("task", registry.tasks)):
+        if name not in reg:
+            continue
+        try:
+            cls = reg.get(name)
+        except BenchError as exc:
+            raise _fail(exc) from None
+        doc = (cls.__doc__ or "").strip().splitlines()
+        t = Table(title=f"{kind} {name}: {doc[0] if doc else ''}", title_justify="left")
+        t.add_column("parameter (--set " + name + ".PARAM=VALUE)")
+        for field in cls.Params.model_fields:
+            t.add_row(describe_field(cls.Params, field))
+        if not cls.Params.model_fields:
+            t.add_row("(no parameters)")
+        out_console.print(t)
 
 
 def _task_specs(items: List[str]) -> list[str]:
@@ -168,7 +198,7 @@ def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool,
 
     out = Path(resolved.suite.out)
     opts = RunOptions(out=out, cache_dir=Path(cache_dir), data_root=root, profile=prof, force=force,
-                      device=prof.get("device", "cpu"))
+                      device=prof.get("run_device") or prof.get("device", "cpu"))
     reporter = None if quiet else (_RichReporter(console) if console.is_terminal else _PlainReporter(console))
     progress.set_reporter(reporter)
     try:

@@ -23,6 +23,12 @@ hardware that did not match the declared profile are separate rows marked *unver
 dropped. The columns and their units, the aggregate rule, the hardware profile and the tier are stated
 under every table.
 
+Tasks whose quality is several numbers (the lm task: perplexity and one score per GLUE-style prompt set)
+mark those metrics ``column=True`` in their declared metrics; each becomes a column of its own after the
+aggregate (mean over the row's records, the metric's ``scale`` applied, its own direction). Records of
+generative students carry FLOPs per token and generation speed; their tables add those efficiency columns
+(MFLOPs/token, tokens/s, time to first token). Tables without either are unchanged.
+
 ``bench run`` prints and writes the tables of its own records through `build_tables`, `to_markdown` and
 `write`; ``bench leaderboard build`` goes through `build_leaderboards`, which adds the JSON, the HTML page
 (`bench.html`) and the Pareto plots (`bench.plots`).
@@ -63,9 +69,10 @@ CONFIDENCE = 0.95
 class Column:
     key: str
     label: str
-    kind: str  # "subtask", "aggregate" or "efficiency"
+    kind: str  # "subtask", "aggregate", "metric" or "efficiency"
     unit: str
     higher_is_better: bool | None = True
+    scale: float = 100.0  # "metric" columns: display multiplier (100: points, 1: as is)
 
 
 @dataclass
@@ -167,12 +174,18 @@ def efficiency_columns(rec: dict[str, Any]) -> dict[str, float | None]:
     _, mem = _first_batch(eff.get("memory"))
     params, flops = eff.get("params"), eff.get("flops_per_sample")
     peak = (mem or {}).get("peak_bytes")
-    return {
+    out = {
         "params_M": params / 1e6 if params is not None else None,
         "gflops": flops / 1e9 if flops is not None else None,
         "latency_ms": (lat or {}).get("median_ms"),
         "peak_mem_MB": peak / 2**20 if peak is not None else None,
     }
+    if "flops_per_token" in eff or "generation" in eff:  # generative students (lm domain)
+        gen = eff.get("generation") or {}
+        fpt = eff.get("flops_per_token")
+        out.update(mflops_per_token=fpt / 1e6 if fpt is not None else None, tokens_per_s=gen.get("tokens_per_s"),
+                   ttft_ms=gen.get("ttft_ms"))
+    return out
 
 
 EFFICIENCY = (
@@ -201,6 +214,16 @@ EFFICIENCY = (
 )
 
 
+#: Efficiency columns of generative students, shown only in tables whose records have them.
+GENERATION_EFFICIENCY = (
+    ("mflops_per_token", "MFLOPs/token", "MFLOPs per token at the declared input shape (FLOPs per sample / tokens)",
+     False),
+    ("tokens_per_s", "tokens/s", "generated tokens per second at batch 1 (greedy, prefill included; "
+     "bench.measure.generation)", True),
+    ("ttft_ms", "TTFT (ms)", "time to first token at batch 1, in ms (prompt forward + one decoding step)", False),
+)
+
+
 @dataclass
 class _Rec:
     """What the tables need of one record (records are large; this keeps 10,000 of them cheap)."""
@@ -224,6 +247,22 @@ class _Rec:
     latency_noisy: bool
     cell_id: str
     created: str
+    #: metrics the task shows as columns: name -> (value, higher_is_better, scale, description)
+    metric_cols: dict[str, tuple[float | None, bool, float, str]] = field(default_factory=dict)
+
+
+def _metric_columns(rec: dict[str, Any]) -> dict[str, tuple[float | None, bool, float, str]]:
+    metrics = rec.get("metrics") or {}
+    out = {}
+    for spec in rec.get("metric_specs") or []:
+        if not spec.get("column"):
+            continue
+        name = spec.get("name")
+        v = metrics.get(name)
+        value = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+        out[name] = (value, bool(spec.get("higher_is_better", True)), float(spec.get("scale", 100.0)),
+                     str(spec.get("description") or ""))
+    return out
 
 
 def _compact(rec: dict[str, Any]) -> _Rec:
@@ -261,6 +300,7 @@ def _compact(rec: dict[str, Any]) -> _Rec:
         latency_noisy=bool((_first_batch(eff.get("latency"))[1] or {}).get("noisy")),
         cell_id=rec.get("cell_id") or json.dumps(c, sort_keys=True),
         created=str(rec.get("created") or ""),
+        metric_cols=_metric_columns(rec) if status == "ok" else {},
     )
 
 
@@ -332,7 +372,18 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
         agg_name = f"{agg_name} (aggregate)"
     columns = [Column(s, f"{s}{marks.get(s, '')}", "subtask", "subtask score x100") for s in subtasks]
     columns.append(Column(agg_name, agg_name, "aggregate", "x100"))
+    metric_specs: dict[str, tuple[bool, float, str]] = {}
+    for r in recs:
+        for name, (_, hib, scale, desc) in r.metric_cols.items():
+            metric_specs.setdefault(name, (hib, scale, desc))
+    taken = {c.key for c in columns} | {k for k, *_ in EFFICIENCY + GENERATION_EFFICIENCY}
+    columns += [Column(name if name not in taken else f"metric:{name}", name, "metric",
+                       f"{desc} ({'x100' if scale == 100 else 'as is' if scale == 1 else f'x{scale:g}'}"
+                       f", {'higher' if hib else 'lower'} is better)", hib, scale)
+                for name, (hib, scale, desc) in metric_specs.items()]
     columns += [Column(k, label, "efficiency", unit, False) for k, label, unit, _ in EFFICIENCY]
+    columns += [Column(k, label, "efficiency", unit, hib) for k, label, unit, hib in GENERATION_EFFICIENCY
+                if any(k in r.eff for r in recs)]
 
     def sort_key(item: tuple[str, bool]) -> tuple:
         method, verified = item
@@ -351,7 +402,8 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
     rows, problems = [], []
     for method, verified in sorted(rows_recs, key=sort_key):
         cells = rows_recs[(method, verified)]
-        row = _row(method, verified, cells, subtasks, scored, agg_name)
+        row = _row(method, verified, cells, subtasks, scored, agg_name,
+                   [c for c in columns if c.kind in ("metric", "efficiency")])
         rows.append(row)
         for r in sorted(cells, key=lambda r: (subtasks.index(r.subtask), r.seed)):
             if r.status != "ok":
@@ -365,7 +417,8 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
 
 
 def _row(
-    method: str, verified: bool, cells: list[_Rec], subtasks: list[str], scored: list[str], agg_name: str
+    method: str, verified: bool, cells: list[_Rec], subtasks: list[str], scored: list[str], agg_name: str,
+    extra: list[Column] | None = None,
 ) -> Row:
     values: dict[str, Value] = {}
     samples: dict[str, list[float]] = {}
@@ -399,6 +452,15 @@ def _row(
     for key, *_ in EFFICIENCY:
         values[key] = Value()
         samples[key] = [r.eff[key] for r in ok_cells if r.eff.get(key) is not None]
+    for col in extra or []:
+        if col.kind == "metric":
+            name = col.label
+            values[col.key] = Value()
+            samples[col.key] = [r.metric_cols[name][0] * col.scale for r in ok_cells
+                                if r.metric_cols.get(name, (None,))[0] is not None]
+        elif col.key not in values:
+            values[col.key] = Value()
+            samples[col.key] = [r.eff[col.key] for r in ok_cells if r.eff.get(col.key) is not None]
     values["latency_ms"].noisy = sum(r.latency_noisy for r in ok_cells if r.eff.get("latency_ms") is not None)
     counts = defaultdict(int)
     for r in cells:
@@ -443,7 +505,7 @@ def _fill_intervals(tables: list[Table]) -> None:
 def _mark_best(table: Table) -> None:
     """Mark a column's best student row only where its interval is disjoint from every other's."""
     for col in table.columns:
-        if col.kind == "efficiency" and col.key != "latency_ms":
+        if col.kind == "efficiency" and col.key not in ("latency_ms", "tokens_per_s", "ttft_ms"):
             continue  # params, FLOPs and memory are properties of the architecture, not contests
         cands = [
             r
@@ -495,9 +557,13 @@ def _footnotes(
         if s in notes:
             out.append(f"{marks[s]} {s}: {' '.join(notes[s])}")
     shape = f" (declared input: {', '.join(sorted(inputs))})" if inputs else ""
+    metric_cols = [c for c in table.columns if c.kind == "metric"]
+    gen_cols = [c for c in table.columns if c.kind == "efficiency" and c.key in {k for k, *_ in GENERATION_EFFICIENCY}]
     out.append(
         "Columns and units: subtask columns and the aggregate are the subtask's score x100. "
+        + "".join(f"{c.label}: {c.unit}; " for c in metric_cols)
         + "; ".join(f"{label}: {unit}" for _, label, unit, _ in EFFICIENCY)
+        + "".join(f"; {c.label}: {c.unit}" for c in gen_cols)
         + shape
         + ". Efficiency columns are of the evaluated model (the student, or the teacher in the teacher row), "
         "averaged over the row's subtasks and seeds."
@@ -560,13 +626,16 @@ def fmt_number(value: float) -> str:
 
 
 def fmt_value(col: Column, x: float) -> str:
+    if col.kind == "metric" and col.scale != 100:
+        return fmt_number(x)  # e.g. a perplexity: three significant digits
     return f"{x:.1f}" if col.kind != "efficiency" else fmt_number(x)
 
 
 def shows_interval(col: Column, v: Value) -> bool:
     """Quality and latency cells show their interval; parameters, FLOPs and memory are properties of the
     architecture (they vary only across subtasks' heads), and a zero-width interval says nothing."""
-    return v.ci is not None and (col.kind != "efficiency" or col.key == "latency_ms") and v.ci[0] != v.ci[1]
+    timed = ("latency_ms", "tokens_per_s", "ttft_ms")
+    return v.ci is not None and (col.kind != "efficiency" or col.key in timed) and v.ci[0] != v.ci[1]
 
 
 def cell_text(col: Column, v: Value, row_seeds: int, markdown: bool = True) -> str:

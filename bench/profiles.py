@@ -156,6 +156,7 @@ def detect_profile() -> dict[str, Any]:
         "verified": True,
         "mismatches": [],
         "hardware": fp,
+        "run_device": device,
     }
 
 
@@ -180,5 +181,7 @@ def select_profile(profile_id: str | None, allow_mismatch: bool = False) -> dict
         raise BenchError(f"this machine does not match hardware profile {prof.id!r}: " + "; ".join(problems)
                          + ". Run without --profile (an ad-hoc profile is derived from this machine), pick a "
                            "matching profile, or pass --allow-mismatch (rows are then marked unverified)")
+    # On a mismatch the run still has to happen on the device this machine has.
+    run_device = prof.device if prof.device == fp.get("device_kind", "cpu") else fp.get("device_kind", "cpu")
     return {**prof.model_dump(), "kind": "declared", "verified": not problems, "mismatches": problems,
-            "hardware": fp, "path": str(profiles[profile_id])}
+            "hardware": fp, "path": str(profiles[profile_id]), "run_device": run_device}

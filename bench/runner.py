@@ -113,6 +113,20 @@ def train_config(task: Task, resolved: Resolved) -> TrainConfig:
                        eval_batch_size=cfg.eval_batch_size, optim=optim)
 
 
+def method_train_config(cfg: TrainConfig, method: Method) -> TrainConfig:
+    """``cfg`` with the optimiser settings the method's paper prescribes (``Method.optim_overrides``)."""
+    from dataclasses import fields, replace
+
+    overrides = dict(type(method).optim_overrides)
+    if not overrides:
+        return cfg
+    valid = {f.name for f in fields(cfg.optim)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise BenchError(f"method {method.name} overrides unknown optimiser fields {unknown}; valid: {sorted(valid)}")
+    return replace(cfg, optim=replace(cfg.optim, **overrides))
+
+
 def cell_config(cell: Cell, task: Task, method: Method, cfg: TrainConfig | None) -> dict[str, Any]:
     """Everything that determines a cell's results; its hash decides whether a record is reusable."""
     return {
@@ -121,7 +135,9 @@ def cell_config(cell: Cell, task: Task, method: Method, cfg: TrainConfig | None)
         "method": cell.method, "method_version": type(method).version,
         "method_params": method.params.model_dump(mode="json"),
         "train": None if cfg is None else {"steps": cfg.steps, "batch_size": cfg.batch_size,
-                                           "eval_batch_size": cfg.eval_batch_size, "optim": cfg.optim.__dict__},
+                                           "eval_batch_size": cfg.eval_batch_size, "optim": cfg.optim.__dict__,
+                                           **({"method_optim_overrides": dict(type(method).optim_overrides)}
+                                              if type(method).optim_overrides else {})},
         "profile": cell.profile,
     }
 
@@ -150,11 +166,22 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
     rec["data"] = task.data_fingerprint()
     rec["notes"] = task.notes()
     teacher_name = None
-    if method.role != "student":
+    if method.role == "distill" and not method.uses_task_teacher:
+        teacher = None
+        rec["teacher"] = {"name": "self", "note": f"{method.name} distils from its own earlier generations; "
+                                                  f"the task's teacher is not used"}
+    elif method.role != "student":
         pool = task.teacher_pool()
-        teacher_name = method.select_teacher(pool, task.student_params()) if method.role == "distill" else None
-        teacher = task.teacher(teacher_name)
-        rec["teacher"] = task.teacher_info(teacher_name)
+        names = method.select_teachers(pool, task.student_params()) if method.role == "distill" else None
+        if names:
+            # A teacher ensemble: every member is loaded (trained once and cached by the task).
+            teacher = [task.teacher(name) for name in names]
+            rec["teachers"] = [task.teacher_info(name) for name in names]
+            rec["teacher"] = {**rec["teachers"][0], "ensemble": list(names)}
+        else:
+            teacher_name = method.select_teacher(pool, task.student_params()) if method.role == "distill" else None
+            teacher = task.teacher(teacher_name)
+            rec["teacher"] = task.teacher_info(teacher_name)
     else:
         teacher = None
     if method.role == "teacher":
@@ -172,7 +199,16 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
             )
         rec["training"] = {
             "steps": result.steps, "samples": result.samples, "wall_s": round(result.wall_s, 3),
-            "teacher_forward_passes": result.teacher_forward_passes, "teacher_examples": result.teacher_examples,
+            # Forward passes of any teacher: the task's (every member of an ensemble) and, for methods
+            # with generations, the previous generation's student (also broken out below).
+            "teacher_forward_passes": result.teacher_forward_passes + result.previous_forward_passes,
+            "teacher_examples": result.teacher_examples,
+            "previous_generation_forward_passes": result.previous_forward_passes,
+            "previous_generation_examples": result.previous_examples,
+            # Whether teacher outputs came from a store shared across cells (the lm task's top-k cache on
+            # disk, `bench.teacher_cache`): a cell that reads it reports 0 teacher passes above.
+            "teacher_cache": result.teacher_cache,
+            "generations": result.generations,
             "resumed_from_step": result.resumed_from_step, "loss_log": result.loss_log,
         }
     rec["method_info"] = method.record_info()
@@ -197,20 +233,27 @@ def _training_flops(rec: dict[str, Any], teacher: Any, task: Task, opts: RunOpti
     per_sample = rec["efficiency"].get("training_flops_per_sample")
     samples = rec["training"]["samples"]
     teacher_examples = rec["training"].get("teacher_examples", 0)
+    previous_examples = rec["training"].get("previous_generation_examples", 0)
     teacher_fwd = None
-    if teacher is not None and teacher_examples:
+    members = teacher if isinstance(teacher, (list, tuple)) else ([] if teacher is None else [teacher])
+    if members and teacher_examples:
         try:
-            teacher_fwd = forward_flops(teacher, task, opts.device).flops
+            # An ensemble's examples are counted per member; their mean forward cost is the fair price.
+            teacher_fwd = sum(forward_flops(t, task, opts.device).flops for t in members) // len(members)
         except Exception:  # noqa: BLE001 - an estimate; its absence is recorded as None
             teacher_fwd = None
+    previous_fwd = rec["efficiency"].get("flops_per_sample") if previous_examples else None
     total = None
     if per_sample is not None:
-        total = per_sample * samples + (teacher_fwd or 0) * teacher_examples
+        total = per_sample * samples + (teacher_fwd or 0) * teacher_examples + (previous_fwd or 0) * previous_examples
     return {"total": total, "student_flops_per_sample": per_sample, "samples": samples,
             "teacher_forward_flops_per_sample": teacher_fwd, "teacher_examples": teacher_examples,
+            "previous_generation_forward_flops_per_sample": previous_fwd,
+            "previous_generation_examples": previous_examples,
             "rule": "student forward+backward FLOPs per sample x samples + teacher forward FLOPs per sample x "
-                    "examples the teacher ran on, at the task's declared input shape (an estimate: real batches "
-                    "are padded to their longest example)"}
+                    "examples the teacher ran on (+ the student's forward FLOPs x examples a previous generation "
+                    "ran on), at the task's declared input shape (an estimate: real batches are padded to their "
+                    "longest example)"}
 
 
 def execute(resolved: Resolved, opts: RunOptions) -> RunSummary:
@@ -262,7 +305,7 @@ def _one(cell: Cell, task: Task, method_name: str, params: Any, resolved: Resolv
         return Outcome(cell, "skipped", path, reason=reason)
     config = None
     try:
-        cfg = train_config(task, resolved)
+        cfg = method_train_config(train_config(task, resolved), method)
         config = cell_config(cell, task, method, cfg)
         chash = config_hash(config)
         if not opts.force and store.finished(cell, chash):

@@ -7,6 +7,11 @@ Data order is a pure function of (seed, epoch): epoch ``e`` visits the training 
 ``randperm(len, generator=seed_for(seed, e))``, in batches of ``batch_size`` (the last partial batch is
 dropped). Step ``s`` therefore always sees the same examples, which makes resume from a checkpoint
 exact: a cell killed at any point and restarted produces the same metrics as an uninterrupted one.
+
+Methods that train several models in sequence declare *generations* (`bench.api.Generation`): the
+budget is split between them, each gets new optimisers and schedules over its own steps and restarts
+the data order above, and a generation with a fresh student freezes the previous one as
+``StepContext.previous``. A teacher ensemble is passed as a list of teachers.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from bench import BenchError
-from bench.api import Batch, Method, Outputs, Split, StepContext, Task, TrainConfig
+from bench.api import Batch, Generation, Method, Outputs, Split, StepContext, Task, TrainConfig
 
 if TYPE_CHECKING:
     import torch
@@ -101,24 +106,38 @@ def select_rows(batch: Batch, rows: list[int]) -> Batch:
 
 
 class HarnessContext(StepContext):
-    """The harness's StepContext: models, budget, and the teacher-output cache of one cell."""
+    """The harness's StepContext: models, budget, and the teacher-output caches of one cell."""
 
-    def __init__(self, *, task: Task, student: nn.Module, teacher: nn.Module | None, total_steps: int,
-                 seed: int, device: str, train_split: Split, batch_size: int) -> None:
+    def __init__(self, *, task: Task, student: nn.Module, teacher: nn.Module | list[nn.Module] | None,
+                 total_steps: int, seed: int, device: str, train_split: Split, batch_size: int) -> None:
         self.task = task
         self.student = student
-        self.teacher = teacher
+        self.teachers = list(teacher) if isinstance(teacher, (list, tuple)) else ([] if teacher is None else [teacher])
+        self.teacher = self.teachers[0] if self.teachers else None
         self.total_steps = total_steps
         self.seed = seed
         self.device = device
         self.step = 0
+        self.generation = 0
+        self.generation_step = 0
+        self.generation_steps = total_steps
+        self.previous: nn.Module | None = None
         self.train_split = train_split
         self.batch_size = batch_size
-        # Teacher logits by example id. The teacher is frozen and in eval mode, so its output for an
-        # example never changes within a cell: each example goes through the teacher once.
-        self.teacher_cache: dict[int, torch.Tensor] = {}
+        # Teacher logits by (teacher index, example id). A teacher is frozen and in eval mode, so its output
+        # for an example never changes within a cell: each example goes through each teacher once -- unless
+        # the task augments training batches at random, in which case nothing is cached.
+        self.cacheable = bool(task.teacher_outputs_cacheable())
+        self.teacher_cache: dict[Any, torch.Tensor] = {}
+        self.previous_cache: dict[int, torch.Tensor] = {}
         self.teacher_forward_passes = 0
         self.teacher_examples = 0
+        self.previous_forward_passes = 0
+        self.previous_examples = 0
+        # Teacher outputs a task keeps itself (``Task.teacher_store``: e.g. top-k logits on disk shared by
+        # every cell of a matrix), by teacher index; None where the task keeps none (the dict above is used).
+        self.teacher_stores: dict[int, Any] = {}
+        self.teacher_store_built = False
 
     def problem(self):
         return self.task.problem()
@@ -129,23 +148,81 @@ class HarnessContext(StepContext):
     def label_loss(self, outputs: Outputs, batch: Batch) -> torch.Tensor:
         return self.task.label_loss(outputs, batch)
 
-    def teacher_outputs(self, batch: Batch) -> Outputs:
+    def _cached_logits(self, model: nn.Module, batch: Batch, cache: dict, key: Callable[[int], Any]) -> tuple[torch.Tensor, int]:
+        """Logits of ``model`` for ``batch``, through ``cache``; returns them and how many examples ran."""
         import torch
 
-        if self.teacher is None:
-            raise TrainingError("this method asked for teacher outputs but the cell has no teacher")
+        if not self.cacheable:
+            with torch.no_grad():
+                return self.task.forward(model, batch).logits.detach(), len(batch["index"])
         ids = batch["index"].tolist()
-        missing = [r for r, i in enumerate(ids) if i not in self.teacher_cache]
+        missing = [r for r, i in enumerate(ids) if key(i) not in cache]
         if missing:
             sub = batch if len(missing) == len(ids) else select_rows(batch, missing)
             with torch.no_grad():
-                out = self.task.forward(self.teacher, sub)
-            self.teacher_forward_passes += 1
-            self.teacher_examples += len(missing)
-            logits = out.logits.detach()
+                logits = self.task.forward(model, sub).logits.detach()
             for row, r in enumerate(missing):
-                self.teacher_cache[ids[r]] = logits[row]
-        return Outputs(logits=torch.stack([self.teacher_cache[i] for i in ids]))
+                cache[key(ids[r])] = logits[row]
+        return torch.stack([cache[key(i)] for i in ids]), len(missing)
+
+    def teacher_outputs(self, batch: Batch, index: int = 0) -> Outputs:
+        if not self.teachers:
+            raise TrainingError("this method asked for teacher outputs but the cell has no teacher")
+        if not 0 <= index < len(self.teachers):
+            raise TrainingError(f"teacher index {index} asked for; the cell has {len(self.teachers)} teacher(s)")
+        store = self._teacher_store(index)
+        if store is not None:
+            out, passes, examples = store.outputs(batch)
+            self.teacher_forward_passes += passes
+            self.teacher_examples += examples
+            self.teacher_store_built = self.teacher_store_built or bool(getattr(store, "built_here", False))
+            return out
+        # Index 0 keeps plain example ids as keys (the single-teacher cache layout checkpoints carry).
+        logits, ran = self._cached_logits(self.teachers[index], batch, self.teacher_cache,
+                                          (lambda i: i) if index == 0 else (lambda i: (index, i)))
+        if ran:
+            self.teacher_forward_passes += 1
+            self.teacher_examples += ran
+        return Outputs(logits=logits)
+
+    def _teacher_store(self, index: int) -> Any:
+        """The task's store of teacher ``index``'s outputs (asked for once per cell), or None."""
+        if index not in self.teacher_stores:
+            self.teacher_stores[index] = self.task.teacher_store(self.teachers[index])
+        return self.teacher_stores[index]
+
+    def teacher_cache_info(self) -> dict[str, Any]:
+        """What the record says about teacher-output caching in this cell (``training.teacher_cache``)."""
+        stores = {i: s for i, s in self.teacher_stores.items() if s is not None}
+        if not stores:
+            return {"used": False, "kind": "in memory by example id, within the cell"
+                    if self.cacheable else "none: training batches are augmented at random"}
+        infos = [{**stores[i].info(), "teacher_index": i} for i in sorted(stores)]
+        info = dict(infos[0]) if len(infos) == 1 else {"used": any(x.get("used") for x in infos), "stores": infos}
+        if self.teacher_store_built and len(infos) == 1:
+            info["built_by_this_cell"] = True
+        return info
+
+    def previous_outputs(self, batch: Batch) -> Outputs:
+        if self.previous is None:
+            raise TrainingError(f"generation {self.generation} asked for the previous generation's outputs; "
+                                f"there is none (the first generation has no predecessor)")
+        logits, ran = self._cached_logits(self.previous, batch, self.previous_cache, lambda i: i)
+        if ran:
+            self.previous_forward_passes += 1
+            self.previous_examples += ran
+        return Outputs(logits=logits)
+
+    def run_teacher(self, fn: Callable[[nn.Module], Any], n_examples: int, index: int = 0) -> Any:
+        import torch
+
+        if not 0 <= index < len(self.teachers):
+            raise TrainingError(f"teacher index {index} asked for; the cell has {len(self.teachers)} teacher(s)")
+        with torch.no_grad():
+            out = fn(self.teachers[index])
+        self.teacher_forward_passes += 1
+        self.teacher_examples += n_examples
+        return out
 
     def calibration_batches(self, n: int) -> list[Batch]:
         """The first ``n`` batches of a fixed order (independent of the cell's seed)."""
@@ -209,9 +286,27 @@ class TrainResult:
     wall_s: float = 0.0
     teacher_forward_passes: int = 0
     teacher_examples: int = 0
+    previous_forward_passes: int = 0
+    previous_examples: int = 0
+    teacher_cache: dict[str, Any] | None = None
     resumed_from_step: int | None = None
     loss_log: list[dict[str, float]] = field(default_factory=list)
     method_log: dict[str, float] = field(default_factory=dict)
+    generations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def generation_seed(seed: int, index: int) -> int:
+    """Seed of generation ``index``'s fresh student; generation 0 is the cell's own student (its seed)."""
+    return seed if index == 0 else seed + 100_003 * index
+
+
+def generation_plan(method: Method, total_steps: int) -> list[Generation]:
+    """The method's generations, checked: at least one, each with at least one step, adding up to the budget."""
+    plan = list(method.generations(total_steps))
+    if not plan or any(g.steps < 1 for g in plan) or sum(g.steps for g in plan) != total_steps:
+        raise TrainingError(f"method {method.name} split the budget of {total_steps} steps into generations "
+                            f"{[g.steps for g in plan]}; they must be at least 1 step each and add up to it")
+    return plan
 
 
 def _rng_state() -> dict[str, Any]:
@@ -262,11 +357,17 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | None, cfg: TrainConfig, *,
-          seed: int, device: str = "cpu", checkpoint_path: Path | None = None,
+def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | list[nn.Module] | None,
+          cfg: TrainConfig, *, seed: int, device: str = "cpu", checkpoint_path: Path | None = None,
           checkpoint_every: int | None = None, checkpoint_seconds: float = 120.0,
           on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> tuple[nn.Module, TrainResult]:
-    """Train ``student`` with ``method`` for ``cfg.steps`` optimiser steps; return it and the costs."""
+    """Train ``student`` with ``method`` for ``cfg.steps`` optimiser steps; return the model to evaluate
+    (``method.finalize_student`` of the last generation's student) and the costs.
+
+    ``teacher`` is one model, a list of models (a teacher ensemble), or None. The budget is split into
+    the method's generations (`bench.api.Generation`); each starts with new optimisers and schedules
+    over its own steps and restarts the data order, so every generation sees the same examples.
+    """
     import torch
 
     result = TrainResult()
@@ -275,34 +376,58 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | N
     if n == 0:
         raise TrainingError("the training split is empty")
     bs = min(cfg.batch_size, n)
-    if teacher is not None:
-        teacher.to(device).eval()
-        for p in teacher.parameters():
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else ([] if teacher is None else [teacher])
+    for t in teachers:
+        t.to(device).eval()
+        for p in t.parameters():
             p.requires_grad_(False)
+    plan = generation_plan(method, cfg.steps)
+    starts = [sum(g.steps for g in plan[:i]) for i in range(len(plan))]
+    result.generations = [{"index": i, "steps": g.steps, "fresh_student": g.fresh_student, "name": g.name}
+                          for i, g in enumerate(plan)]
+
+    def generation_of(step: int) -> int:
+        return max(i for i, s0 in enumerate(starts) if s0 <= step)
 
     ckpt = load_checkpoint(checkpoint_path) if checkpoint_path else None
-    ctx = HarnessContext(task=task, student=student, teacher=teacher, total_steps=cfg.steps, seed=seed,
+    ctx = HarnessContext(task=task, student=student, teacher=teachers or None, total_steps=cfg.steps, seed=seed,
                          device=device, train_split=split, batch_size=bs)
     if ckpt is None:
         seed_everything(seed)
-        student = method.init_student(teacher, student, ctx)
+        student = method.init_student(ctx.teacher, student, ctx)
         start = 0
+        gen = 0
     else:
         student = ckpt["student"]
         method.load_state_dict(ckpt["method"])
         start = ckpt["step"]
         result.resumed_from_step = start
+        # The checkpoint holds the generation of its last completed step; a generation that starts at
+        # ``start`` is entered by the loop below, exactly as in an uninterrupted run.
+        gen = generation_of(start - 1)
+        ctx.previous = ckpt.get("previous")
+        if ctx.previous is not None:
+            ctx.previous.to(device).eval()
     student.to(device).train()
     ctx.student = student
+    ctx.generation, ctx.generation_steps = gen, plan[gen].steps
     extras = method.extra_modules()
     for m in extras.values():
         m.to(device).train()
     method.setup(ctx)
 
-    modules = {"student": student, **extras}
-    optimizers = {k: build_optimizer(m, cfg) for k, m in modules.items()}
-    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for k, o in optimizers.items()}
-    params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in modules.items()}
+    def build(g: int):
+        """Optimisers and schedules of generation ``g``: its own warm-up and decay over its own steps."""
+        from dataclasses import replace
+
+        cfg_g = replace(cfg, steps=plan[g].steps)
+        modules = {"student": ctx.student, **extras}
+        optimizers = {k: build_optimizer(m, cfg_g) for k, m in modules.items()}
+        schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg_g)) for k, o in optimizers.items()}
+        params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in modules.items()}
+        return modules, optimizers, schedulers, params
+
+    modules, optimizers, schedulers, params = build(gen)
     if ckpt is not None:
         for k, m in extras.items():
             m.load_state_dict(ckpt["extras"][k])
@@ -310,20 +435,41 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | N
             optimizers[k].load_state_dict(ckpt["optimizers"][k])
             schedulers[k].load_state_dict(ckpt["schedulers"][k])
         ctx.teacher_cache = ckpt["teacher_cache"]
-        ctx.teacher_forward_passes = ckpt["counters"]["teacher_forward_passes"]
-        ctx.teacher_examples = ckpt["counters"]["teacher_examples"]
+        ctx.previous_cache = ckpt.get("previous_cache", {})
+        counters = ckpt["counters"]
+        ctx.teacher_forward_passes = counters["teacher_forward_passes"]
+        ctx.teacher_examples = counters["teacher_examples"]
+        ctx.previous_forward_passes = counters.get("previous_forward_passes", 0)
+        ctx.previous_examples = counters.get("previous_examples", 0)
+        ctx.teacher_store_built = counters.get("teacher_store_built", False)
         result.loss_log = ckpt["loss_log"]
-        prior_wall = ckpt["counters"]["wall_s"]
+        prior_wall = counters["wall_s"]
         _set_rng_state(ckpt["rng"])
     else:
         prior_wall = 0.0
+        method.on_generation_start(0, ctx)
 
     log_every = max(1, cfg.steps // 20)
     t0 = time.perf_counter()
     last_ckpt = t0
     for step in range(start, cfg.steps):
         ctx.step = step
-        batch = to_device(split.batch(batch_indices(n, bs, seed, step)), device)
+        if gen + 1 < len(plan) and step == starts[gen + 1]:
+            gen += 1
+            if plan[gen].fresh_student:
+                finished = ctx.student.eval()
+                for p in finished.parameters():
+                    p.requires_grad_(False)
+                ctx.previous, ctx.previous_cache = finished, {}
+                fresh = method.init_student(ctx.teacher, task.student(generation_seed(seed, gen)), ctx)
+                fresh.to(device).train()
+                ctx.student = student = fresh
+            ctx.generation, ctx.generation_steps = gen, plan[gen].steps
+            modules, optimizers, schedulers, params = build(gen)
+            ctx.generation_step = 0
+            method.on_generation_start(gen, ctx)
+        ctx.generation_step = step - starts[gen]
+        batch = to_device(split.batch(batch_indices(n, bs, seed, step - starts[gen])), device)
         losses = method.training_step(batch, ctx)
         if "student" not in losses and losses:
             raise TrainingError(f"method {method.name} returned losses {sorted(losses)}; it must return "
@@ -353,20 +499,27 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | N
         result.samples += len(batch["index"])
         scalars = {k: float(losses[k].detach()) for k in keys}
         if step % log_every == 0 or step == cfg.steps - 1:
-            result.loss_log.append({"step": step + 1, **scalars, **{k: float(v) for k, v in extra_log.items()}})
+            entry: dict[str, float] = {"step": step + 1}
+            if len(plan) > 1:
+                entry["generation"] = gen
+            result.loss_log.append({**entry, **scalars, **{k: float(v) for k, v in extra_log.items()}})
         if on_step is not None:
             on_step(step + 1, cfg.steps, scalars)
         now = time.perf_counter()
         due = (checkpoint_every and (step + 1) % checkpoint_every == 0) or (now - last_ckpt >= checkpoint_seconds)
         if checkpoint_path is not None and due and step + 1 < cfg.steps:
             _save_checkpoint(checkpoint_path, {
-                "step": step + 1, "student": student, "method": method.state_dict(),
+                "step": step + 1, "student": ctx.student, "method": method.state_dict(),
                 "extras": {k: m.state_dict() for k, m in extras.items()},
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
                 "teacher_cache": ctx.teacher_cache, "loss_log": result.loss_log, "rng": _rng_state(),
+                "previous": ctx.previous, "previous_cache": ctx.previous_cache,
                 "counters": {"teacher_forward_passes": ctx.teacher_forward_passes,
                              "teacher_examples": ctx.teacher_examples,
+                             "previous_forward_passes": ctx.previous_forward_passes,
+                             "previous_examples": ctx.previous_examples,
+                             "teacher_store_built": ctx.teacher_store_built,
                              "wall_s": prior_wall + now - t0},
             })
             last_ckpt = now
@@ -375,9 +528,16 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | N
     result.wall_s = prior_wall + time.perf_counter() - t0
     result.teacher_forward_passes = ctx.teacher_forward_passes
     result.teacher_examples = ctx.teacher_examples
-    result.method_log = {k: v for k, v in (result.loss_log[-1] if result.loss_log else {}).items() if k != "step"}
+    result.previous_forward_passes = ctx.previous_forward_passes
+    result.previous_examples = ctx.previous_examples
+    result.teacher_cache = ctx.teacher_cache_info()
+    result.method_log = {k: v for k, v in (result.loss_log[-1] if result.loss_log else {}).items()
+                         if k not in ("step", "generation")}
+    student = ctx.student
     student.eval()
-    return student, result
+    final = method.finalize_student(student, ctx)
+    final.eval()
+    return final, result
 
 
 class _LabelsOnly(Method):

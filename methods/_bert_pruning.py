@@ -50,10 +50,17 @@ def why_not_prunable(teacher: nn.Module, student: nn.Module) -> str | None:
     t, s = bert_dims(teacher), bert_dims(student)
     if t is None or s is None:
         return "teacher and student are not both Hugging Face BERT-family models"
-    for key in ("vocab", "positions", "type_vocab", "head_dim", "labels"):
+    return dims_mismatch(t, s, same=("vocab", "positions", "type_vocab", "head_dim", "labels"))
+
+
+def dims_mismatch(t: dict, s: dict, same: tuple[str, ...],
+                  at_most: tuple[str, ...] = ("layers", "hidden", "heads", "ffn")) -> str | None:
+    """Why a student of dimensions ``s`` cannot be cut out of a teacher of dimensions ``t``: a key of
+    ``same`` differs, or the student has more of a key of ``at_most``; None when it can."""
+    for key in same:
         if t[key] != s[key]:
             return f"{key} differs (teacher {t[key]}, student {s[key]})"
-    for key in ("layers", "hidden", "heads", "ffn"):
+    for key in at_most:
         if s[key] > t[key]:
             return f"the student has more {key} than the teacher ({s[key]} > {t[key]})"
     return None

@@ -11,7 +11,9 @@ What is implemented:
 * Student initialisation by structured pruning of that teacher where the model families match
   (``minima/run_sparsification_llama.py``, ``run_converting_llama.py``): gradient importance of heads,
   FFN neurons and hidden dimensions on a small pruning set, keep the top units, then keep the middle
-  block of layers. See ``_bert_pruning`` for how the mask gradients are obtained without masks.
+  block of layers. See ``_bert_pruning`` for how the mask gradients are obtained without masks
+  (``_lm_pruning`` for Llama-family and GPT-2 causal LMs on the lm domain, where the pruning loss is the
+  LM loss, as in MiniMA).
   Where the families differ (or the student is not a sub-shape of the teacher) the student keeps the
   task's initialisation and the record says why.
 * Loss (``minima/run_distillation_llama_ds.py``): L = 0.5 * CE(labels) + 0.5 * CE(softmax(z_t),
@@ -90,11 +92,14 @@ class MiniMA(Method):
 
     def init_student(self, teacher: nn.Module, student: nn.Module, ctx: StepContext) -> nn.Module:
         from bench.methods import _bert_pruning as bp
+        from bench.methods import _lm_pruning as lp
 
         if not self.params.prune_init:
             self.info["init"] = "task default (prune_init=false)"
             return student
-        reason = bp.why_not_prunable(teacher, student)
+        # Causal LMs (Llama family, GPT-2) are pruned by _lm_pruning, BERT encoders by _bert_pruning.
+        pruner = lp if lp.lm_dims(teacher) is not None else bp
+        reason = pruner.why_not_prunable(teacher, student)
         if reason is not None:
             self.info["init"] = f"task default: cannot prune the teacher into the student ({reason})"
             return student
@@ -102,8 +107,15 @@ class MiniMA(Method):
         def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
             return ctx.label_loss(ctx.task.forward(model, batch), batch)
 
-        scores = bp.importance(teacher, ctx.calibration_batches(self.params.calibration_batches), loss_fn)
-        student.load_state_dict(bp.pruned_state_dict(teacher, student, scores), strict=True)
+        batches = ctx.calibration_batches(self.params.calibration_batches)
+        scores = pruner.importance(teacher, batches, loss_fn)
+        student.load_state_dict(pruner.pruned_state_dict(teacher, student, scores), strict=True)
+        if pruner is lp:
+            # The importance estimate runs the teacher (forward + backward) on these batches: teacher work
+            # outside the distillation loop, stated here (training.teacher_forward_passes counts the loop).
+            self.info["init"] = lp.describe(teacher, student)
+            self.info["importance_batches"] = len(batches)
+            return student
         t, s = bp.bert_dims(teacher), bp.bert_dims(student)
         self.info["init"] = (f"pruned from the teacher: layers {bp.middle_layers(t['layers'], s['layers'])} of "
                              f"{t['layers']}, hidden {s['hidden']}/{t['hidden']}, heads {s['heads']}/{t['heads']}, "

@@ -10,7 +10,9 @@ What is implemented, following the official code:
   teacher, p_t = softmax((1 - t) * sg(z_s) + t * z_t).
 * Loss: forward KL from p_t to the student, computed as the cross-entropy -sum_v p_t log q_theta
   (same gradient; the entropy of the constant target is left out, exactly as ``fkl.py`` does). It is
-  averaged over examples. Total L = (1 - r) * label loss + r * J(t) with ``distil_ratio`` r = 1.
+  averaged over examples -- over scored tokens on the lm domain, whose task flattens outputs to one row
+  per token (the masked token mean of ``src/loss.py``). Total L = (1 - r) * label loss + r * J(t) with
+  ``distil_ratio`` r = 1.
 * Schedule (``update_t``), run once per *training* step after the loss of that step:
   on the first call only ``prev_loss`` is recorded; afterwards
   delta = (prev - loss) / (prev + 1e-15), m <- beta m + (1 - beta) delta,

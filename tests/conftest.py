@@ -32,3 +32,16 @@ def data_root() -> Path:
 def cache_dir(tmp_path_factory) -> Path:
     """One teacher cache per test session, so smoke teachers are trained once for all tests."""
     return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: fastest for them, and immune to a busy shared CPU
+    (two threads on a loaded 2-core machine wait on each other). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,6 +12,9 @@ no column is ever dropped.
 * Peak memory: an isolated child per measurement, for inference at every latency/throughput batch
   size and for one training step (forward, backward, AdamW step) at the task's training batch size.
 * Utilisation: achieved FLOP/s at the throughput batch over the profile's declared peak for its dtype.
+* Generative tasks (``Task.generation_inputs`` is not None, the lm domain): FLOPs per token, and time to
+  first token and tokens/s at batch 1 through the task's ``generate`` adapter (`bench.measure.generation`),
+  under the same threads and timing protocol.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure
     from bench.measure.memory import measure_peak_memory
 
     model.eval()
-    device = profile.get("device", "cpu")
+    device = profile.get("run_device") or profile.get("device", "cpu")
     steps = task.inference_steps()
     out: dict[str, Any] = {
         "params": sum(p.numel() for p in model.parameters()),
@@ -92,6 +95,12 @@ def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure
         out["training_flops_per_sample"] = training_flops_per_sample(model, task, device)
     except Exception as exc:  # noqa: BLE001
         out["errors"]["training_flops"] = _err(exc)
+    generative = task.generation_inputs(1)
+    if generative is not None:
+        from bench.measure.generation import flops_per_token
+
+        out["flops_per_token"] = flops_per_token(out["flops_per_sample"], task.example_inputs(1))
+        out["generation"] = None
     if not measure_runtime:
         out["errors"]["latency"] = out["errors"]["memory"] = "not measured (runtime.measure=false)"
         return out
@@ -124,6 +133,15 @@ def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure
         except Exception as exc:  # noqa: BLE001
             out["memory"][key] = None
             out["errors"][f"memory_{key}"] = _err(exc)
+    if generative is not None:
+        from bench.measure.generation import measure_generation
+
+        prompts, new_tokens = generative
+        try:
+            out["generation"] = measure_generation(model, task.generate, _on(prompts, device), new_tokens=new_tokens,
+                                                   threads=threads, device=device, **timing)
+        except Exception as exc:  # noqa: BLE001
+            out["errors"]["generation"] = _err(exc)
     train_bs = task.training().batch_size
     try:
         out["training_memory"] = {"batch_size": train_bs, **measure_peak_memory(

@@ -23,12 +23,7 @@ Budgets: BERT's fine-tuning recipe (Devlin et al. 2019, appendix A.3: AdamW, bat
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import shutil
-import time
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -37,6 +32,7 @@ from pydantic import Field
 
 from bench import BenchError
 from bench.api import Metric, OptimConfig, Outputs, Params, Task, TeacherCandidate, TrainConfig
+from bench.teachers import TeacherPool
 
 from . import data as gdata
 from . import metrics as gmetrics
@@ -83,7 +79,7 @@ class TokenSplit:
         return out
 
 
-class Glue(Task):
+class Glue(TeacherPool, Task):
     """GLUE (Wang et al. 2019): eight subtasks, GLUE's metrics and score, MiniLM teacher at the small tier."""
 
     name = "glue"
@@ -349,20 +345,6 @@ class Glue(Task):
         return TrainConfig(steps=steps, batch_size=base.batch_size, eval_batch_size=base.eval_batch_size,
                            optim=base.optim)
 
-    def teacher(self, name: str | None = None) -> nn.Module:
-        specs = {s.name: s for s in self._teacher_specs()}
-        spec = specs[name] if name else next(iter(specs.values()))
-        if name and name not in specs:
-            raise BenchError(f"unknown GLUE teacher {name!r}; pool: {', '.join(specs)}")
-        if spec.name not in self._teachers:
-            self._teachers[spec.name] = self._trained_teacher(spec)
-        return self._teachers[spec.name][0]
-
-    def teacher_info(self, name: str | None = None) -> dict[str, Any]:
-        self.teacher(name)
-        key = name or next(iter(s.name for s in self._teacher_specs()))
-        return self._teachers[key][1]
-
     def _trained_teacher(self, spec: gmodels.ModelSpec) -> tuple[nn.Module, dict[str, Any]]:
         if self.tier == "full" and self.params.teacher_finetuned:
             model = gmodels.load(spec.checkpoint)
@@ -374,37 +356,13 @@ class Glue(Task):
             "train": {"steps": cfg.steps, "batch_size": cfg.batch_size, "optim": cfg.optim.__dict__},
             "data": self._train_split.fingerprint, "max_length": self.max_length, "seed": 0,
         }
-        key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        folder = Path(self.env.cache_dir) / "glue" / "teachers" / f"{self.tier}-{self.env.subtask}-{spec.name}-{key}"
-        meta_path = folder / "meta.json"
-        if meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text())
-                return gmodels.load(str(folder)), {**meta, "cache": "hit", "path": str(folder)}
-            except (OSError, ValueError) as exc:
-                from bench import progress
+        from bench.teachers import cached_teacher
 
-                progress.log(f"cached teacher at {folder} is unreadable ({exc}); retraining it")
-                shutil.rmtree(folder, ignore_errors=True)
-        from bench.train import supervised
-
-        model = gmodels.build(spec, self.num_labels, self._vocab_size(), seed=0)
-        t0 = time.perf_counter()
-        model, result = supervised(self, model, cfg, seed=0, device=self.env.device,
-                                   description=f"Fine-tuning teacher {spec.name} on glue/{self.env.subtask}")
-        dev = self.evaluate(model)
-        meta = {"name": spec.name, "cache_key": key, "identity": ident, "steps": result.steps,
-                "wall_s": round(time.perf_counter() - t0, 2), "dev_metrics": dev,
-                "n_params": sum(p.numel() for p in model.parameters())}
-        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        gmodels.save(model, str(tmp))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process cached the same teacher first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        return model, {**meta, "cache": "trained", "path": str(folder)}
+        return cached_teacher(
+            self, name=spec.name, label=f"{self.tier}-{self.env.subtask}-{spec.name}", identity=ident,
+            build=lambda: gmodels.build(spec, self.num_labels, self._vocab_size(), seed=0),
+            save=lambda model, folder: gmodels.save(model, str(folder)), load=lambda folder: gmodels.load(str(folder)),
+            description=f"Fine-tuning teacher {spec.name} on glue/{self.env.subtask}")
 
     # --- efficiency probes --------------------------------------------------------------------
     def example_inputs(self, batch_size: int) -> dict[str, torch.Tensor]:

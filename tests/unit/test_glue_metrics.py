@@ -12,7 +12,7 @@ import pytest
 scipy_stats = pytest.importorskip("scipy.stats")
 sk_metrics = pytest.importorskip("sklearn.metrics")
 
-from bench.tasks.glue import metrics as M
+from bench.tasks.glue import metrics as M  # noqa: E402 (after importorskip)
 
 
 def _fixed(seed: int, n: int, k: int = 2):

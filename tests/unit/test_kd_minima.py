@@ -65,8 +65,10 @@ def test_kd_regression_adaptation():
 
 
 def test_kd_defaults_cite_the_crd_benchmark():
+    # Unset parameters resolve per task domain (methods/kd.py DOMAIN_DEFAULTS); classification keeps CRD's.
     p = KD.Params()
-    assert (p.temperature, p.alpha) == (4.0, 0.9)
+    assert (p.temperature, p.alpha) == (None, None)
+    assert KD(p).resolve("classification") == (4.0, 0.9)
 
 
 # --------------------------------------------------------------------------------------------------

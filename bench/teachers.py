@@ -1,0 +1,121 @@
+"""Teachers trained by a task, cached on disk by content hash (one code path for every task family).
+
+Below the full tier a task trains its own teacher (GLUE fine-tunes MiniLM per subtask, the imagenet task
+trains CIFAR ResNets, the lm task trains a small Llama). Every distillation cell of a matrix needs that
+teacher, so it is trained once and kept under ``<cache dir>/<task>/teachers/<label>-<key>/``, where
+``key`` hashes everything that decides its weights (``identity``: task and version, tier, architecture,
+training budget and optimiser, the training data's fingerprint, the seed). A changed identity gives a
+new folder; an entry is never overwritten. The folder is written under a temporary name and renamed, so
+a killed run leaves nothing half-written and concurrent runs keep one result. An unreadable entry (a
+corrupt file) is reported and retrained.
+
+``meta.json`` beside the weights (and the cell record's ``teacher`` field) says how the teacher was made:
+its identity, steps, wall times, final training loss, the task's evaluation of it and its parameter count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bench import BenchError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from bench.api import Task
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    """Content hash of a teacher's identity (16 hex digits)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_teacher(
+    task: Task,
+    *,
+    name: str,
+    label: str,
+    identity: dict[str, Any],
+    build: Callable[[], nn.Module],
+    save: Callable[[nn.Module, Path], None],
+    load: Callable[[Path], nn.Module],
+    description: str,
+    extra_meta: Callable[[nn.Module], dict[str, Any]] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The task's teacher ``name`` (its folder: ``label``-key) trained with ``task.teacher_training()``, from the cache or trained now.
+
+    ``build`` makes the untrained model (seed 0), ``save``/``load`` write and read a folder, ``extra_meta``
+    adds task-specific facts (e.g. the timm data config). Returns the model and the record's teacher info
+    (``cache``: ``hit`` or ``trained``; ``path``: the folder)."""
+    from bench import progress
+
+    key = identity_key(identity)
+    folder = Path(task.env.cache_dir) / task.name / "teachers" / f"{label}-{key}"
+    if (folder / "meta.json").exists():
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            return load(folder), {**meta, "cache": "hit", "path": str(folder)}
+        except (OSError, ValueError, KeyError, RuntimeError, BenchError) as exc:
+            progress.log(f"cached teacher at {folder} is unreadable ({exc}); retraining it")
+            shutil.rmtree(folder, ignore_errors=True)
+    from bench.train import supervised
+
+    cfg = task.teacher_training()
+    model = build()
+    t0 = time.perf_counter()
+    model, result = supervised(task, model, cfg, seed=0, device=task.env.device, description=description)
+    train_s = time.perf_counter() - t0
+    metrics = task.evaluate(model)
+    meta = {"name": name, "cache_key": key, "identity": identity, "trained_by": "task", "steps": result.steps,
+            "train_wall_s": round(train_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
+            "final_train_loss": (result.loss_log[-1] if result.loss_log else {}).get("student"),
+            "eval_metrics": metrics, "n_params": sum(p.numel() for p in model.parameters()),
+            **(extra_meta(model) if extra_meta else {})}
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    save(model, tmp)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process cached the same teacher first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, {**meta, "cache": "trained", "path": str(folder)}
+
+
+class TeacherPool:
+    """Mixin for tasks whose teachers are a declared pool of specs (objects with a ``name``), each built or
+    loaded once per task object by ``_trained_teacher(spec)`` -> (model, info): ``teacher(name)`` and
+    ``teacher_info(name)`` of the Task contract, the first spec being the default teacher."""
+
+    _teachers: dict[str, tuple[Any, dict[str, Any]]]
+
+    def _teacher_specs(self) -> list[Any]:
+        raise NotImplementedError
+
+    def _trained_teacher(self, spec: Any) -> tuple[nn.Module, dict[str, Any]]:
+        raise NotImplementedError
+
+    def _teacher_spec(self, name: str | None) -> Any:
+        specs = {s.name: s for s in self._teacher_specs()}
+        if name and name not in specs:
+            raise BenchError(f"unknown {self.name} teacher {name!r}; pool: {', '.join(specs)}")  # type: ignore[attr-defined]
+        return specs[name] if name else next(iter(specs.values()))
+
+    def teacher(self, name: str | None = None) -> nn.Module:
+        spec = self._teacher_spec(name)
+        if spec.name not in self._teachers:
+            self._teachers[spec.name] = self._trained_teacher(spec)
+        return self._teachers[spec.name][0]
+
+    def teacher_info(self, name: str | None = None) -> dict[str, Any]:
+        spec = self._teacher_spec(name)
+        self.teacher(spec.name)
+        return self._teachers[spec.name][1]

@@ -1,0 +1,125 @@
+"""GKD — Generalized Knowledge Distillation (Agarwal et al., "On-Policy Distillation of Language Models:
+Learning from Self-Generated Mistakes", ICLR 2024, arXiv 2306.13649).
+
+Official implementation followed: Hugging Face TRL's ``GKDTrainer`` (huggingface/trl @ f2cd577,
+``trl/experimental/gkd/gkd_trainer.py``: ``generalized_jsd_loss``, ``training_step``,
+``generate_on_policy_outputs``; defaults in ``gkd_config.py``). The paper's own code is not public.
+
+What is implemented:
+
+* **Divergence** (paper Eq. 1; TRL ``generalized_jsd_loss``), per scored token with p the teacher's and q
+  the student's softmax at temperature 1 (TRL calls the loss with its default temperature 1.0):
+  m = beta p + (1 - beta) q and JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m). As in TRL, beta = 0
+  is exactly the forward KL(p || q) and beta = 1 exactly the reverse KL(q || p) (special-cased: the
+  formula itself tends to 0 at both ends). Averaged over scored tokens (TRL's ``batchmean`` over tokens
+  with label != -100).
+* **On-policy data** (TRL ``training_step``): at each step, with probability ``lmbda`` the batch's
+  sequences are replaced by the *student's own samples*: the student continues the prompt of each
+  example, sampling at ``temperature`` 0.9 with top-k 0 and top-p 1 under no_grad, and the divergence is
+  taken on the generated tokens only (prompt positions masked, TRL ``new_labels[:, :prompt_length] =
+  -100``). The teacher runs on those samples; those passes are counted (they cannot come from the
+  teacher-output cache). Otherwise the batch is the dataset's (off-policy, supervised KD), whose teacher
+  outputs come from the task's cache.
+* Defaults: TRL ``GKDConfig``: lmbda 0.5, beta 0.5, temperature 0.9; ``max_new_tokens`` defaults to the
+  rest of the task's block (the lm task: a block's first half is the prompt, the student writes the
+  second half).
+
+Deviations: the corpus has no prompt/response split. Off-policy steps score every token of a block, like
+every other method on the task; on-policy steps use the block's first half as the prompt (the task's
+``generate``). Sampled continuations are not cut at an end-of-text token (TRL masks after the first EOS):
+the lm task's corpus is packed documents separated by end-of-text, so text after it is a new document.
+The coin for on-policy steps is drawn from a generator seeded by (seed, step), so a resumed cell draws
+the same coins. ``seq_kd`` (teacher-generated sequences) is not implemented. The harness's optimiser
+and budget apply (TRL's examples use its own learning rate).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from bench.api import Method, Params, Task
+
+if TYPE_CHECKING:
+    import torch
+
+    from bench.api import Batch, StepContext
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """mean over rows of JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q;
+    beta = 0: KL(p || q); beta = 1: KL(q || p) (TRL ``generalized_jsd_loss``)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    if beta == 0.0:
+        per = F.kl_div(log_q, log_p, reduction="none", log_target=True)  # p (log p - log q)
+    elif beta == 1.0:
+        per = F.kl_div(log_p, log_q, reduction="none", log_target=True)  # q (log q - log p)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_q + math.log1p(-beta), log_p + math.log(beta)]), dim=0)
+        kl_p = F.kl_div(log_m, log_p, reduction="none", log_target=True)  # KL(p || m) terms
+        kl_q = F.kl_div(log_m, log_q, reduction="none", log_target=True)  # KL(q || m) terms
+        per = beta * kl_p + (1.0 - beta) * kl_q
+    return per.sum(-1).mean()
+
+
+class GKD(Method):
+    """Agarwal et al. 2024 (GKD): generalized JSD(beta) on student samples with probability lambda (TRL)."""
+
+    name = "gkd"
+    version = "1"
+    domains = frozenset({"lm"})
+
+    class Params(Params):
+        # TRL gkd_config.py: lmbda 0.5 ("student data fraction"), beta 0.5, temperature 0.9 (sampling).
+        lmbda: float = Field(0.5, ge=0, le=1, description="probability of an on-policy (student-sampled) step")
+        beta: float = Field(0.5, ge=0, le=1, description="JSD interpolation: 0 forward KL, 1 reverse KL")
+        temperature: float = Field(0.9, gt=0, description="sampling temperature of the student's outputs")
+        max_new_tokens: int | None = Field(None, ge=1, description="tokens sampled per prompt (unset: the rest of "
+                                                                   "the task's block)")
+
+    def __init__(self, params: Params) -> None:
+        super().__init__(params)
+        self.on_policy_steps = 0
+        self.steps = 0
+
+    def unsupported(self, task) -> str | None:
+        if type(task).generate is Task.generate:
+            return f"GKD samples from the student; task {task.name} has no generate()"
+        return None
+
+    def on_policy(self, seed: int, step: int) -> bool:
+        """TRL: ``random.random() <= lmbda``; here from a generator seeded by (seed, step)."""
+        return random.Random(1_000_003 * seed + step).random() < self.params.lmbda
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        self.steps += 1
+        if self.on_policy(ctx.seed, ctx.step):
+            self.on_policy_steps += 1
+            n_new = self.params.max_new_tokens or (batch["input_ids"].shape[1] - getattr(ctx.task, "prompt_tokens", 0))
+            sampled = ctx.task.generate(ctx.student, batch, max_new_tokens=max(1, n_new),
+                                        temperature=self.params.temperature)
+            out = ctx.task.forward(ctx.student, sampled)
+            teacher_logits = ctx.run_teacher(lambda t: ctx.task.forward(t, sampled).logits, len(batch["index"]))
+        else:
+            out = ctx.student_outputs(batch)
+            teacher_logits = ctx.teacher_outputs(batch).logits
+        return {"student": generalized_jsd(out.logits, teacher_logits, self.params.beta)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"on_policy_steps": self.on_policy_steps, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.on_policy_steps, self.steps = state["on_policy_steps"], state["steps"]
+
+    def record_info(self) -> dict[str, Any]:
+        return {"on_policy_steps": self.on_policy_steps, "steps": self.steps, "lmbda": self.params.lmbda,
+                "beta": self.params.beta, "temperature": self.params.temperature,
+                "off_policy_data": "the task's training sequences (teacher outputs from its cache)"}
