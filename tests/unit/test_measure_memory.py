@@ -112,3 +112,54 @@ def test_ru_maxrss_units_are_normalised(monkeypatch, platform, factor):
     monkeypatch.setattr(memory_mod.sys, "platform", platform)
     monkeypatch.setattr(resource, "getrusage", lambda who: Usage())
     assert memory_mod._ru_maxrss_bytes() == 1000 * factor
+
+
+class _FakeAllocator:
+    """torch.cuda's allocator counters, simulated: loading the model allocates 1,000 bytes, the call a
+    transient 300 on top (freed afterwards); 50 bytes are allocated before anything (another tenant)."""
+
+    def __init__(self) -> None:
+        self.allocated, self.peak, self.events = 50, 50, []
+
+    def alloc(self, n: int) -> None:
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+    def reset_peak_memory_stats(self, *a) -> None:
+        self.events.append("reset")
+        self.peak = self.allocated
+
+
+def test_cuda_path_reports_peak_of_the_call_minus_what_was_allocated_before(monkeypatch, tmp_path):
+    """The CUDA branch (no GPU here): counters reset after the load, so the peak is the call's; the
+    figures are differences against what was allocated before the model (checked on a simulated allocator)."""
+    from bench.measure import memory as M
+
+    fake = _FakeAllocator()
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            fake.alloc(300)  # activations
+            fake.events.append("call")
+            fake.allocated -= 300
+            return x
+
+    def fake_load(path, **kw):
+        assert kw.get("map_location") == "cuda:0"
+        fake.alloc(1000)
+        fake.events.append("load")
+        return Model()
+
+    cuda = torch.cuda
+    for name, fn in {"synchronize": lambda *a: None, "set_device": lambda *a: None,
+                     "memory_allocated": lambda *a: fake.allocated, "max_memory_allocated": lambda *a: fake.peak,
+                     "max_memory_reserved": lambda *a: 2048, "reset_peak_memory_stats": fake.reset_peak_memory_stats,
+                     "get_device_name": lambda *a: "Fake GPU"}.items():
+        monkeypatch.setattr(cuda, name, fn)
+    monkeypatch.setattr(torch, "load", fake_load)
+    monkeypatch.setattr(M, "_to_device", lambda inputs, device: inputs)
+
+    out = M._cuda_child("model.pt", {"x": torch.zeros(1)}, lambda m, b: m(b["x"]), "cuda:0")
+    assert fake.events == ["reset", "load", "reset", "call"]
+    assert out["model_bytes"] == 1000 and out["peak_bytes"] == 1300 and out["working_bytes"] == 300
+    assert out["baseline_bytes"] == 50 and out["exact"] is True and out["gpu_name"] == "Fake GPU"
