@@ -279,12 +279,12 @@ class ImageNet(TeacherPool, Task):
     # --- metrics -------------------------------------------------------------------------------
     def metrics(self) -> list[Metric]:
         out = [Metric("top1", primary=True, description="top-1 accuracy"),
-               Metric("top5", description="top-5 accuracy")]
+               Metric("top5", description="top-5 accuracy", column=True)]
         if self.params.robustness:
             p = self.params
-            out += [Metric("fgsm_top1", description=f"top-1 under FGSM, L-inf eps {p.robust_eps:.5g}"),
+            out += [Metric("fgsm_top1", description=f"top-1 under FGSM, L-inf eps {p.robust_eps:.5g}", column=True),
                     Metric("pgd_top1", description=f"top-1 under PGD-{p.pgd_steps} (step {p.pgd_step_size:.5g}, random "
-                                                   f"start), L-inf eps {p.robust_eps:.5g}")]
+                                                   f"start), L-inf eps {p.robust_eps:.5g}", column=True)]
         return out
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
