@@ -106,15 +106,17 @@ def _figure(table: Table, xkey: str, xlabel: str, kind: str) -> Figure | None:
     for group, items in groups.items():
         marker, color, label = style[group]
         xs, ys = [i[1] for i in items], [i[2] for i in items]
+        # max(0, ...): a bootstrap bound equal to the mean can differ from it in the last bit (the two are
+        # summed in different orders), and matplotlib refuses negative error bars.
         yerr = [
-            [y - (r.values[agg.key].ci or (y, y))[0] for r, _, y in items],
-            [(r.values[agg.key].ci or (y, y))[1] - y for r, _, y in items],
+            [max(0.0, y - (r.values[agg.key].ci or (y, y))[0]) for r, _, y in items],
+            [max(0.0, (r.values[agg.key].ci or (y, y))[1] - y) for r, _, y in items],
         ]
         xerr = None
         if xkey == "latency_ms":
             xerr = [
-                [x - (r.values[xkey].ci or (x, x))[0] for r, x, _ in items],
-                [(r.values[xkey].ci or (x, x))[1] - x for r, x, _ in items],
+                [max(0.0, x - (r.values[xkey].ci or (x, x))[0]) for r, x, _ in items],
+                [max(0.0, (r.values[xkey].ci or (x, x))[1] - x) for r, x, _ in items],
             ]
         ax.errorbar(
             xs, ys, yerr=yerr, xerr=xerr, fmt=marker, color=color, capsize=2, ms=5, lw=0.7, label=label
