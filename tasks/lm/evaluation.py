@@ -186,7 +186,7 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, folder: Path | None, tasks: li
     state = _rng_state()
     was_training = model.training
     model.eval()
-    with _offline(offline), _quiet() as log:
+    with _offline(offline), _quiet() as log, _no_cwd_git_hash():
         try:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
             tm = TaskManager(include_path=str(folder) if folder else None, include_defaults=include_defaults)
@@ -201,6 +201,25 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, folder: Path | None, tasks: li
     if out is None:
         raise RuntimeError("lm-eval returned no results")
     return {"results": out["results"], "versions": out.get("versions", {}), "lm_eval_version": out.get("lm_eval_version")}
+
+
+@contextlib.contextmanager
+def _no_cwd_git_hash():
+    """lm-eval's ``simple_evaluate`` runs ``git describe`` in the *current directory* for its results'
+    ``git_hash`` (the user's folder, not the evaluated code; outside a checkout git prints "fatal: not a
+    git repository" on the terminal). bench records its own commit in every record, so the lookup is
+    skipped while bench evaluates."""
+    import lm_eval.evaluator as evaluator
+
+    saved = getattr(evaluator, "get_git_commit_hash", None)
+    if saved is None:
+        yield
+        return
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = saved
 
 
 def _get(res: dict[str, Any], task: str, metric: str) -> float:

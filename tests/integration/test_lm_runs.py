@@ -164,3 +164,25 @@ def test_full_tier_path_with_local_checkpoints_and_a_local_dataset(tmp_path, cac
         assert rec["efficiency"]["params"] < sum(p.numel() for p in smoke.teacher().parameters())
         assert rec["training"]["teacher_cache"]["k"] == 16 and not rec["training"]["teacher_cache"]["exact"]
     assert recs[("minima", 0)]["method_info"]["init"].startswith("pruned from the teacher: layers [1, 2] of 4")
+
+
+def test_lm_eval_does_not_run_git_in_the_users_folder(tmp_path, cache_dir, monkeypatch):
+    """lm-eval would run ``git describe`` in the current directory (printing "fatal: not a git repository"
+    outside a checkout); bench records its own commit, so no git process is started by the evaluation."""
+    import subprocess as sp
+
+    from bench.tasks.lm import LM
+
+    task = LM(LM.Params(eval_limit=4), TaskEnv(tier="smoke", subtask="corpus", data_root=None, cache_dir=cache_dir))
+    model = task.student(0)
+    calls = []
+    real = sp.check_output
+
+    def spy(cmd, *a, **kw):
+        calls.append(cmd)
+        return real(cmd, *a, **kw)
+
+    monkeypatch.setattr(sp, "check_output", spy)
+    monkeypatch.chdir(tmp_path)
+    metrics = task.evaluate(model)
+    assert metrics and not [c for c in calls if c and c[0] == "git"]
