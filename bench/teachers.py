@@ -109,6 +109,10 @@ class TeacherPool:
             raise BenchError(f"unknown {self.name} teacher {name!r}; pool: {', '.join(specs)}")  # type: ignore[attr-defined]
         return specs[name] if name else next(iter(specs.values()))
 
+    def _teacher_entry(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+        """(name, info) of ``model`` if it is one of this task's loaded teachers, else None."""
+        return next(((n, info) for n, (m, info) in self._teachers.items() if m is model), None)
+
     def teacher(self, name: str | None = None) -> nn.Module:
         spec = self._teacher_spec(name)
         if spec.name not in self._teachers:

@@ -463,7 +463,7 @@ class LM(TeacherPool, Task):
 
         if not self.params.teacher_cache:
             return tc.LiveTeacherOutputs(teacher, self.forward, reason="lm.teacher_cache=false")
-        entry = next(((n, info) for n, (m, info) in self._teachers.items() if m is teacher), None)
+        entry = self._teacher_entry(teacher)
         if entry is None:
             return tc.LiveTeacherOutputs(teacher, self.forward, reason="the teacher is not one of the task's")
         name, info = entry
@@ -537,16 +537,20 @@ class LM(TeacherPool, Task):
         return {"input_ids": ids, "attention_mask": att, "labels": lab, "index": torch.arange(len(rows))}
 
     def teacher_generations(self, teacher: nn.Module, prompts: list[str], max_new_tokens: int) -> tuple[list[str], int, int, bool]:
-        """Greedy continuations of ``prompts`` by ``teacher``, cached on disk per (teacher, prompts, length);
-        returns (texts, teacher forward passes run, examples run, read from the cache)."""
+        """Greedy continuations of ``prompts`` by ``teacher``, cached on disk per (teacher, prompts, length)
+        when ``teacher`` is one of the task's (a model the task did not load has no cache identity, so its
+        generations are not cached); returns (texts, teacher forward passes run, examples run, read from
+        the cache)."""
         import torch
 
-        entry = next(((n, info) for n, (m, info) in self._teachers.items() if m is teacher), ("?", {}))
-        key = hashlib.sha256(json.dumps([entry[0], entry[1].get("cache_key"), prompts, max_new_tokens,
-                                         self.max_length]).encode()).hexdigest()[:20]
-        path = Path(self.env.cache_dir) / "lm" / "teacher_generations" / f"{key}.json"
-        if path.is_file():
-            return json.loads(path.read_text())["texts"], 0, 0, True
+        entry = self._teacher_entry(teacher)
+        path = None
+        if entry is not None:
+            key = hashlib.sha256(json.dumps([entry[0], entry[1].get("cache_key"), prompts, max_new_tokens,
+                                             self.max_length]).encode()).hexdigest()[:20]
+            path = Path(self.env.cache_dir) / "lm" / "teacher_generations" / f"{key}.json"
+            if path.is_file():
+                return json.loads(path.read_text())["texts"], 0, 0, True
         tok = self.tokenizer
         enc = tok(prompts, add_special_tokens=False)["input_ids"]
         enc = [e[-(self.max_length - max_new_tokens):] for e in enc]
@@ -564,10 +568,11 @@ class LM(TeacherPool, Task):
                 passes += max_new_tokens  # one forward per generated position (prefill + incremental steps)
                 for row, i in enumerate(chunk):
                     texts[i] = tok.decode(out["input_ids"][row, length:].tolist(), skip_special_tokens=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"texts": texts, "max_new_tokens": max_new_tokens}))
-        os.replace(tmp, path)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"texts": texts, "max_new_tokens": max_new_tokens}))
+            os.replace(tmp, path)
         return [t or "" for t in texts], passes, len(prompts), False
 
     # --- efficiency probes --------------------------------------------------------------------

@@ -33,6 +33,10 @@ TEMPLATE = (
     / "kd__smoke__cpu-2core__s0.json"
 )
 
+#: Keys of a record that only a finished cell has (results); a failed or skipped record has none of them.
+RESULT_KEYS = ("data", "notes", "teacher", "training", "method_info", "efficiency", "metrics", "metric_specs",
+               "score", "aggregate", "wall_s")
+
 
 @functools.lru_cache(maxsize=1)
 def _template() -> str:
@@ -91,19 +95,7 @@ def make_record(
         mismatches=[] if verified else ["logical CPUs: profile declares 2, this process may use 4"],
     )
     if status != "ok":  # as runner._one writes them: no results, only identity and provenance
-        for key in (
-            "data",
-            "notes",
-            "teacher",
-            "training",
-            "method_info",
-            "efficiency",
-            "metrics",
-            "metric_specs",
-            "score",
-            "aggregate",
-            "wall_s",
-        ):
+        for key in RESULT_KEYS:
             rec.pop(key, None)
         if status == "skipped":
             rec["config"] = rec["config_hash"] = None
@@ -224,18 +216,7 @@ REAL_OK_KEYS = {
     "git",
     "environment",
     "hardware",
-    "data",
-    "notes",
-    "teacher",
-    "training",
-    "method_info",
-    "efficiency",
-    "metrics",
-    "metric_specs",
-    "score",
-    "aggregate",
-    "wall_s",
-}
+} | set(RESULT_KEYS)
 
 
 def test_synthetic_record_has_the_real_structure(tmp_path):

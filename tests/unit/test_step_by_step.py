@@ -32,7 +32,7 @@ def test_rationale_is_the_first_line():
 def _task(tmp_path: Path):
     from bench.tasks.lm import LM
 
-    return LM(LM.Params(), TaskEnv(tier="smoke", subtask="corpus", data_root=None, cache_dir=tmp_path))
+    return LM(LM.Params(teacher_steps=2), TaskEnv(tier="smoke", subtask="corpus", data_root=None, cache_dir=tmp_path))
 
 
 def test_encode_targets_scores_only_the_target(tmp_path):
@@ -51,7 +51,7 @@ def test_step_trains_on_label_and_rationale_and_sets_the_eval_prefix(tmp_path):
     from bench.train import HarnessContext
 
     task = _task(tmp_path)
-    teacher = task.student(1).eval()
+    teacher = task.teacher().eval()  # the task's teacher: its rationales have a cache identity
     ctx = HarnessContext(task=task, student=task.student(0), teacher=teacher, total_steps=4, seed=0, device="cpu",
                          train_split=task.train_data(), batch_size=task.training().batch_size)
     m = StepByStep(StepByStep.Params(rationale_tokens=6))
@@ -80,3 +80,17 @@ def test_eval_prefix_becomes_the_lm_eval_description(tmp_path):
     assert 'description: "predict: "' in (folder / "sst2.yaml").read_text()
     folder2, _ = evaluation.write_tasks(tmp_path, {"sst2": [{"sentence": "good", "label": 1}]}, [])
     assert folder2 != folder and "description" not in (folder2 / "sst2.yaml").read_text()
+
+
+def test_teacher_generations_are_cached_for_the_task_s_teacher_only(tmp_path):
+    task = _task(tmp_path)
+    prompts = ["the movie was", "a fine day"]
+    teacher = task.teacher()
+    texts, passes, n, cached = task.teacher_generations(teacher, prompts, 3)
+    assert (passes, n, cached) == (3 * 2, 2, False)  # two prompt lengths: one generate call each
+    again = task.teacher_generations(teacher, prompts, 3)
+    assert again == (texts, 0, 0, True)
+    # A model the task did not load has no cache identity: generated every time, never read from disk.
+    other = task.student(0)
+    assert task.teacher_generations(other, prompts, 3)[3] is False
+    assert task.teacher_generations(other, prompts, 3)[3] is False
