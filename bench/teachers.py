@@ -15,6 +15,7 @@ its identity, steps, wall times, final training loss, the task's evaluation of i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -30,6 +31,27 @@ if TYPE_CHECKING:
     from torch import nn
 
     from bench.api import Task
+
+
+@functools.lru_cache(maxsize=32)
+def checkpoint_identity(checkpoint: str | None) -> Any:
+    """What a teacher's starting checkpoint contributes to its identity: its *content*, not where it lies.
+
+    A local folder (e.g. a registry package's weights inside site-packages) is named by the sha256 of each
+    file in it, so the same weights installed in another virtual environment hit the same cache entry and
+    changed weights at the same path miss it. A hub id stays as given (its revision is the hub's business).
+    ``None`` (a model built from a config) stays ``None``."""
+    if checkpoint is None or not os.path.isdir(checkpoint):
+        return checkpoint
+    root = Path(checkpoint)
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        files[path.relative_to(root).as_posix()] = h.hexdigest()
+    return {"folder_sha256": files}
 
 
 def identity_key(identity: dict[str, Any]) -> str:
@@ -62,7 +84,7 @@ def cached_teacher(
         try:
             meta = json.loads((folder / "meta.json").read_text())
             return load(folder), {**meta, "cache": "hit", "path": str(folder)}
-        except (OSError, ValueError, KeyError, RuntimeError, BenchError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any loader's error (pickle, safetensors, HF) means unreadable
             progress.log(f"cached teacher at {folder} is unreadable ({exc}); retraining it")
             shutil.rmtree(folder, ignore_errors=True)
     from bench.train import supervised

@@ -349,15 +349,16 @@ class Glue(TeacherPool, Task):
         if self.tier == "full" and self.params.teacher_finetuned:
             model = gmodels.load(spec.checkpoint)
             return model, {"name": spec.name, "checkpoint": spec.checkpoint, "fine_tuned_by": "user"}
+        from bench.teachers import cached_teacher, checkpoint_identity
+
         cfg = self.teacher_training()
         ident = {
             "task": self.name, "task_version": self.version, "tier": self.tier, "subtask": self.env.subtask,
-            "spec": {"name": spec.name, "config": spec.config, "checkpoint": spec.checkpoint, "layers": spec.layers},
+            "spec": {"name": spec.name, "config": spec.config, "checkpoint": checkpoint_identity(spec.checkpoint),
+                     "layers": spec.layers},
             "train": {"steps": cfg.steps, "batch_size": cfg.batch_size, "optim": cfg.optim.__dict__},
             "data": self._train_split.fingerprint, "max_length": self.max_length, "seed": 0,
         }
-        from bench.teachers import cached_teacher
-
         return cached_teacher(
             self, name=spec.name, label=f"{self.tier}-{self.env.subtask}-{spec.name}", identity=ident,
             build=lambda: gmodels.build(spec, self.num_labels, self._vocab_size(), seed=0),

@@ -1,5 +1,6 @@
-"""Measurement a user can trust, end to end: profile checks, reproduction of a record, agreement of
-repeated latency measurements, and the training-step memory and FLOPs probes."""
+"""Measurement a user can trust, end to end: profile checks, reproduction of a record, and the
+training-step memory and FLOPs probes. (Agreement of back-to-back latency measurements is a timing target:
+it is in tests/benchmarks/test_latency_repeatability.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 import torch
 
 from bench.api import TaskEnv
-from bench.measure.latency import measure_model_latency
 from bench.measure.memory import measure_peak_memory
 from bench.tasks.glue import Glue
 
@@ -60,15 +60,6 @@ def test_reproduce_a_smoke_run_exactly(tmp_path, cache_dir):
 def student(tmp_path_factory):
     task = Glue(Glue.Params(), TaskEnv("smoke", "sst2", None, tmp_path_factory.mktemp("c")))
     return task, task.student(0).eval()
-
-
-def test_back_to_back_latency_agrees_within_10_percent(student):
-    task, model = student
-    inputs = task.example_inputs(1)
-    runs = [measure_model_latency(model, task.forward, inputs, threads=2, batch_size=1, min_run_time=1.0,
-                                  min_count=20, warmup=10) for _ in range(2)]
-    a, b = runs[0]["median_ms"], runs[1]["median_ms"]
-    assert abs(a - b) / min(a, b) <= 0.10, (a, b)
 
 
 class Wide(torch.nn.Module):

@@ -52,11 +52,9 @@ def test_same_seed_twice_gives_identical_metrics(reference, tmp_path, cache_dir)
 
 def test_rerun_of_a_finished_matrix_does_no_training(reference, cache_dir):
     before = reference["path"].stat().st_mtime_ns
-    t0 = time.perf_counter()
     proc = run(bench("--out", str(reference["out"]), cache=cache_dir))
     assert "1 ok (1 reused" in proc.stderr.replace("\n", " ")
     assert reference["path"].stat().st_mtime_ns == before
-    assert time.perf_counter() - t0 < 60
 
 
 def test_force_redoes_the_cell(reference, tmp_path, cache_dir):
