@@ -45,3 +45,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def glue_smoke_task(tmp_path_factory):
+    """The GLUE SST-2 smoke task (generated data, tiny models; building it trains nothing), shared by the
+    measurement tests and the benchmarks."""
+    from bench.api import TaskEnv
+    from bench.tasks.glue import Glue
+
+    return Glue(Glue.Params(), TaskEnv("smoke", "sst2", None, tmp_path_factory.mktemp("glue-cache")))
+
+
+@pytest.fixture(scope="module")
+def glue_smoke_student(glue_smoke_task):
+    """(task, its seed-0 student in eval mode)."""
+    return glue_smoke_task, glue_smoke_task.student(0).eval()

@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.api import TaskEnv, TrainConfig
+from bench.api import TrainConfig
 from bench.methods.reference import Student
-from bench.tasks.glue import Glue
 from bench.train import batch_indices, build_optimizer, lr_lambda, seed_everything, train
 
 STEPS = 150
@@ -25,8 +24,8 @@ ROUNDS = 7
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    task = Glue(Glue.Params(), TaskEnv("smoke", "sst2", None, tmp_path_factory.mktemp("cache")))
+def setup(glue_smoke_task):
+    task = glue_smoke_task
     base = task.training()
     cfg = TrainConfig(steps=STEPS, batch_size=base.batch_size, eval_batch_size=base.eval_batch_size, optim=base.optim)
     split = task.train_data()

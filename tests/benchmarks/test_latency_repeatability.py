@@ -10,23 +10,14 @@ Run with ``python -m pytest tests/benchmarks/test_latency_repeatability.py --ben
 
 from __future__ import annotations
 
-import pytest
 
-from bench.api import TaskEnv
 from bench.measure.latency import measure_model_latency
-from bench.tasks.glue import Glue
 
 PAIRS = 3
 
 
-@pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    task = Glue(Glue.Params(), TaskEnv("smoke", "sst2", None, tmp_path_factory.mktemp("c")))
-    return task, task.student(0).eval()
-
-
-def test_back_to_back_latency_agrees_within_10_percent(benchmark, student):
-    task, model = student
+def test_back_to_back_latency_agrees_within_10_percent(benchmark, glue_smoke_student):
+    task, model = glue_smoke_student
     inputs = task.example_inputs(1)
 
     def measure() -> float:

@@ -12,9 +12,7 @@ import sys
 import pytest
 import torch
 
-from bench.api import TaskEnv
 from bench.measure.memory import measure_peak_memory
-from bench.tasks.glue import Glue
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +54,6 @@ def test_reproduce_a_smoke_run_exactly(tmp_path, cache_dir):
     assert "reproduced exactly" in again.stderr
 
 
-@pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    task = Glue(Glue.Params(), TaskEnv("smoke", "sst2", None, tmp_path_factory.mktemp("c")))
-    return task, task.student(0).eval()
-
-
 class Wide(torch.nn.Module):
     """64 MiB of weights (4096 x 4096 fp32); a training step adds gradients and two Adam moments."""
 
@@ -93,10 +85,10 @@ def test_training_step_memory_counts_gradients_and_optimizer_state():
     assert inference["peak_bytes"] < 1.5 * weights, inference
 
 
-def test_training_flops_are_forward_plus_backward(student):
+def test_training_flops_are_forward_plus_backward(glue_smoke_student):
     from bench.measure.efficiency import forward_flops, training_flops_per_sample
 
-    task, model = student
+    task, model = glue_smoke_student
     fwd = forward_flops(model, task).flops
     train = training_flops_per_sample(model, task)
     # Backward costs about twice the forward (gradients of inputs and weights) except for the first

@@ -3,6 +3,7 @@ content (not by where a checkpoint is installed), never half-written, and retrai
 
 from __future__ import annotations
 
+import hashlib
 import json
 from types import SimpleNamespace
 
@@ -31,8 +32,6 @@ def test_checkpoint_identity_is_the_content_not_the_install_path(tmp_path):
     assert identity_key({"checkpoint": ident_a}) == identity_key({"checkpoint": ident_b})
     assert checkpoint_identity(changed) != ident_a
     # every file counts, named relative to the folder; the hashes are plain sha256 of the bytes
-    import hashlib
-
     assert ident_a == {"folder_sha256": {
         "config.json": hashlib.sha256(b'{"hidden_size": 4}').hexdigest(),
         "model.safetensors": hashlib.sha256(b"\x00\x01\x02").hexdigest(),
