@@ -303,6 +303,10 @@ class Task:
         """The domains of the training data and a held-out split per domain, or None (no domains)."""
         return None
 
+    def teacher_pairs(self, teacher: nn.Module, n: int | None = None, trajectory: bool = False) -> Any:
+        """Generative tasks: the store of ``teacher``'s noise -> image pairs (`bench.pairs.PairStore`)."""
+        raise NotImplementedError(f"task {self.name} keeps no teacher pairs")
+
     def inference_steps(self) -> int:
         """Forward passes per sample at inference (sampler steps of an iterative student); FLOPs x this."""
         return 1
@@ -384,9 +388,29 @@ class Method:
         full-precision shadow weights dropped); the default is the trained student itself."""
         return student
 
+    def create_modules(self, ctx: StepContext) -> None:
+        """Called once per cell, in fresh and resumed runs alike, after the student and teachers are placed
+        and before ``extra_modules``: build extra networks that derive from the models here (e.g. a fake
+        score network initialised from the teacher, DMD2/SiD). On resume the harness then loads their
+        saved weights into them."""
+
     def extra_modules(self) -> dict[str, nn.Module]:
         """Trainable modules besides the student, each given its own optimiser under its key."""
         return {}
+
+    #: Update ratios (two time-scale updates, TTUR): optimiser key -> every how many harness steps it steps
+    #: (DMD2 updates its generator every 5th or 10th step and its fake score network every step). Keys not
+    #: listed step every step. On a step where a key is not due, the method returns no loss for it
+    #: (`StepContext.updating` says which are due); the harness refuses a loss for a key that is not due.
+    #: Learning-rate schedules run on harness steps, so every optimiser sees the same schedule in time.
+    update_every: ClassVar[dict[str, int]] = {}
+
+    @classmethod
+    def check_task(cls, params: Params, task: str, task_params: Params) -> str | None:
+        """Why this method cannot run with these task parameters (e.g. a generative student that cannot
+        sample at a requested step count), checked before anything runs: the run then exits with code 2
+        and this message. None when fine."""
+        return None
 
     def setup(self, ctx: StepContext) -> None:
         """Called once the models are placed and the budget is known."""
@@ -455,4 +479,15 @@ class StepContext:
 
     def calibration_batches(self, n: int) -> list[Batch]:
         """A few training batches in a fixed order (for importance estimation and the like)."""
+        raise NotImplementedError
+
+    def updating(self, key: str) -> bool:
+        """Whether optimiser ``key`` steps on the current harness step (see ``Method.update_every``)."""
+        raise NotImplementedError
+
+    def teacher_pairs(self, batch_size: int, n: int | None = None, trajectory: bool = False) -> Batch:
+        """Generative tasks: ``batch_size`` noise -> image pairs of the teacher's reference sampler
+        (``noise``, ``cond``, ``image``, the sampler's time ``grid`` and, with ``trajectory``, the states at
+        every grid time), from the task's on-disk store of ``n`` pairs (built once per matrix, `bench.pairs`).
+        The pairs of step ``s`` are a fixed function of (seed, s), so resume is exact."""
         raise NotImplementedError

@@ -292,6 +292,14 @@ def resolve(suite: Suite) -> Resolved:
     for name, _ in tasks:
         cls = registry.tasks.get(name)
         task_params[name] = validate_params(cls.Params, suite.task_params.get(name, {}), name)
+    for spec in specs:
+        mcls = registry.methods.get(spec.name)
+        for name, _ in tasks:
+            if registry.tasks.get(name).domain not in mcls.domains:
+                continue
+            problem = mcls.check_task(method_params[spec.name], name, task_params[name])
+            if problem:
+                raise BenchError(f"{spec.name} on {name}: {problem}")
     return Resolved(suite=suite, tasks=tasks, method_params=method_params, task_params=task_params)
 
 

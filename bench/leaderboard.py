@@ -249,6 +249,9 @@ class _Rec:
     created: str
     #: metrics the task shows as columns: name -> (value, higher_is_better, scale, description)
     metric_cols: dict[str, tuple[float | None, bool, float, str]] = field(default_factory=dict)
+    #: (higher_is_better, display scale) of the score, from the task's primary metric (x100 and higher is
+    #: better for accuracies; FID is shown as is and lower is better)
+    score_spec: tuple[bool, float] = (True, 100.0)
 
 
 def _metric_columns(rec: dict[str, Any]) -> dict[str, tuple[float | None, bool, float, str]]:
@@ -263,6 +266,17 @@ def _metric_columns(rec: dict[str, Any]) -> dict[str, tuple[float | None, bool, 
         out[name] = (value, bool(spec.get("higher_is_better", True)), float(spec.get("scale", 100.0)),
                      str(spec.get("description") or ""))
     return out
+
+
+def _score_spec(rec: dict[str, Any]) -> tuple[bool, float]:
+    for spec in rec.get("metric_specs") or []:
+        if spec.get("primary"):
+            return bool(spec.get("higher_is_better", True)), float(spec.get("scale", 100.0))
+    return True, 100.0
+
+
+def _scale_text(scale: float) -> str:
+    return "x100" if scale == 100 else "as is" if scale == 1 else f"x{scale:g}"
 
 
 def _compact(rec: dict[str, Any]) -> _Rec:
@@ -301,6 +315,7 @@ def _compact(rec: dict[str, Any]) -> _Rec:
         cell_id=rec.get("cell_id") or json.dumps(c, sort_keys=True),
         created=str(rec.get("created") or ""),
         metric_cols=_metric_columns(rec) if status == "ok" else {},
+        score_spec=_score_spec(rec),
     )
 
 
@@ -370,15 +385,17 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
     marks = {s: "†" * (i + 1) for i, s in enumerate(s for s in subtasks if s in notes)}
     if agg_name in subtasks or agg_name in {k for k, *_ in EFFICIENCY}:
         agg_name = f"{agg_name} (aggregate)"
-    columns = [Column(s, f"{s}{marks.get(s, '')}", "subtask", "subtask score x100") for s in subtasks]
-    columns.append(Column(agg_name, agg_name, "aggregate", "x100"))
+    hib, scale = next((r.score_spec for r in recs if r.status == "ok"), (True, 100.0))
+    columns = [Column(s, f"{s}{marks.get(s, '')}", "subtask", f"subtask score {_scale_text(scale)}", hib, scale)
+               for s in subtasks]
+    columns.append(Column(agg_name, agg_name, "aggregate", _scale_text(scale), hib, scale))
     metric_specs: dict[str, tuple[bool, float, str]] = {}
     for r in recs:
         for name, (_, hib, scale, desc) in r.metric_cols.items():
             metric_specs.setdefault(name, (hib, scale, desc))
     taken = {c.key for c in columns} | {k for k, *_ in EFFICIENCY + GENERATION_EFFICIENCY}
     columns += [Column(name if name not in taken else f"metric:{name}", name, "metric",
-                       f"{desc} ({'x100' if scale == 100 else 'as is' if scale == 1 else f'x{scale:g}'}"
+                       f"{desc} ({_scale_text(scale)}"
                        f", {'higher' if hib else 'lower'} is better)", hib, scale)
                 for name, (hib, scale, desc) in metric_specs.items()]
     columns += [Column(k, label, "efficiency", unit, False) for k, label, unit, _ in EFFICIENCY]
@@ -403,7 +420,7 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
     for method, verified in sorted(rows_recs, key=sort_key):
         cells = rows_recs[(method, verified)]
         row = _row(method, verified, cells, subtasks, scored, agg_name,
-                   [c for c in columns if c.kind in ("metric", "efficiency")])
+                   [c for c in columns if c.kind in ("metric", "efficiency")], scale)
         rows.append(row)
         for r in sorted(cells, key=lambda r: (subtasks.index(r.subtask), r.seed)):
             if r.status != "ok":
@@ -418,7 +435,7 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
 
 def _row(
     method: str, verified: bool, cells: list[_Rec], subtasks: list[str], scored: list[str], agg_name: str,
-    extra: list[Column] | None = None,
+    extra: list[Column] | None = None, scale: float = 100.0,
 ) -> Row:
     values: dict[str, Value] = {}
     samples: dict[str, list[float]] = {}
@@ -435,7 +452,7 @@ def _row(
             skipped=sum(r.status == "skipped" for r in cs),
         )
         if ok:
-            scores_by_seed[sub] = {r.seed: 100 * r.score for r in ok}
+            scores_by_seed[sub] = {r.seed: scale * r.score for r in ok}
         values[sub] = v
     # The aggregate per seed, over the subtasks this row has a score for, on seeds that have all of them.
     have = [s for s in scored if s in scores_by_seed]
@@ -560,7 +577,8 @@ def _footnotes(
     metric_cols = [c for c in table.columns if c.kind == "metric"]
     gen_cols = [c for c in table.columns if c.kind == "efficiency" and c.key in {k for k, *_ in GENERATION_EFFICIENCY}]
     out.append(
-        "Columns and units: subtask columns and the aggregate are the subtask's score x100. "
+        f"Columns and units: subtask columns and the aggregate are the subtask's score {_scale_text(table.aggregate.scale)}"
+        f"{'' if table.aggregate.higher_is_better else ' (lower is better)'}. "
         + "".join(f"{c.label}: {c.unit}; " for c in metric_cols)
         + "; ".join(f"{label}: {unit}" for _, label, unit, _ in EFFICIENCY)
         + "".join(f"; {c.label}: {c.unit}" for c in gen_cols)
@@ -626,8 +644,8 @@ def fmt_number(value: float) -> str:
 
 
 def fmt_value(col: Column, x: float) -> str:
-    if col.kind == "metric" and col.scale != 100:
-        return fmt_number(x)  # e.g. a perplexity: three significant digits
+    if col.kind in ("metric", "subtask", "aggregate") and col.scale != 100:
+        return fmt_number(x)  # e.g. a perplexity or an FID: three significant digits
     return f"{x:.1f}" if col.kind != "efficiency" else fmt_number(x)
 
 

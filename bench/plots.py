@@ -38,9 +38,11 @@ KINDS = {
 }
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates (lower or equal cost, higher or equal quality, one
-    strictly), ordered by cost."""
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points no other point dominates (lower or equal cost, better or equal quality, one
+    strictly), ordered by cost; quality is better when higher unless ``higher_is_better`` is false (FID)."""
+    if not higher_is_better:
+        points = [(x, -q) for x, q in points]
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     front, best = [], float("-inf")
     for i in order:
@@ -93,7 +95,7 @@ def _figure(table: Table, xkey: str, xlabel: str, kind: str) -> Figure | None:
     FigureCanvasAgg(fig)
     fig.subplots_adjust(left=0.11, right=0.97, top=0.92, bottom=0.16 if missing else 0.12)
     ax = fig.add_subplot(1, 1, 1)
-    front = pareto_front(pts)
+    front = pareto_front(pts, agg.higher_is_better is not False)
     on_front = {pts[i] for i in front}
     # Past a dozen rows, labels of every point overlap into noise: label the references and the front.
     many = sum(len(v) for v in groups.values()) > LABEL_ALL_UP_TO
@@ -153,7 +155,9 @@ def _figure(table: Table, xkey: str, xlabel: str, kind: str) -> Figure | None:
     else:
         xlabel = xlabel.replace(", log scale", "").replace(" (log scale)", "")
     ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(f"{agg.label} (x100): mean, 95% bootstrap CI", fontsize=8)
+    unit = "x100" if agg.scale == 100 else "as is" if agg.scale == 1 else f"x{agg.scale:g}"
+    better = "" if agg.higher_is_better is not False else ", lower is better"
+    ax.set_ylabel(f"{agg.label} ({unit}{better}): mean, 95% bootstrap CI", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(
         f"{table.task}: {agg.label} vs {'latency' if kind == 'latency' else 'FLOPs'} — tier {table.tier}, "

@@ -209,6 +209,8 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
             # disk, `bench.teacher_cache`): a cell that reads it reports 0 teacher passes above.
             "teacher_cache": result.teacher_cache,
             "generations": result.generations,
+            # Optimiser steps per optimiser (differ from ``steps`` under a method's update ratios, TTUR).
+            "updates": result.updates,
             "resumed_from_step": result.resumed_from_step, "loss_log": result.loss_log,
         }
     rec["method_info"] = method.record_info()
@@ -219,7 +221,7 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
     rec["metrics"] = metrics
     rec["metric_specs"] = [m.__dict__ for m in task.metrics()]
     rec["score"] = task.score(metrics)
-    rec["aggregate"] = {"name": type(task).aggregate_name, "rule": type(task).aggregate_rule}
+    rec["aggregate"] = {"name": task.aggregate_name, "rule": task.aggregate_rule}  # a tier may rename it
     rec["status"] = "ok"
     rec["wall_s"] = round(time.perf_counter() - t_start, 3)
     return rec
@@ -239,7 +241,9 @@ def _training_flops(rec: dict[str, Any], teacher: Any, task: Task, opts: RunOpti
     if members and teacher_examples:
         try:
             # An ensemble's examples are counted per member; their mean forward cost is the fair price.
-            teacher_fwd = sum(forward_flops(t, task, opts.device).flops for t in members) // len(members)
+            # A generator's forward is its whole sampler; methods count its network evaluations, so the price
+            # of one is the sampler's FLOPs over its NFE.
+            teacher_fwd = sum(forward_flops(t, task, opts.device).flops // max(1, _nfe(t)) for t in members) // len(members)
         except Exception:  # noqa: BLE001 - an estimate; its absence is recorded as None
             teacher_fwd = None
     previous_fwd = rec["efficiency"].get("flops_per_sample") if previous_examples else None
@@ -253,7 +257,14 @@ def _training_flops(rec: dict[str, Any], teacher: Any, task: Task, opts: RunOpti
             "rule": "student forward+backward FLOPs per sample x samples + teacher forward FLOPs per sample x "
                     "examples the teacher ran on (+ the student's forward FLOPs x examples a previous generation "
                     "ran on), at the task's declared input shape (an estimate: real batches are padded to their "
-                    "longest example)"}
+                    "longest example; generative tasks: the student's term is one denoising forward+backward per "
+                    "sample and the teacher's is per network evaluation, so methods with several network calls "
+                    "per step are underestimated on the student side)"}
+
+
+def _nfe(model: Any) -> int:
+    sampler = getattr(model, "sampler", None)
+    return int(getattr(sampler, "nfe", 1) or 1)
 
 
 def execute(resolved: Resolved, opts: RunOptions) -> RunSummary:

@@ -138,6 +138,11 @@ class HarnessContext(StepContext):
         # every cell of a matrix), by teacher index; None where the task keeps none (the dict above is used).
         self.teacher_stores: dict[int, Any] = {}
         self.teacher_store_built = False
+        # Update ratios (Method.update_every), set by the loop; and the teacher-pairs store (generative tasks).
+        self.update_every: dict[str, int] = {}
+        self.pair_store: Any = None
+        self.pair_passes = 0
+        self.pair_examples = 0
 
     def problem(self):
         return self.task.problem()
@@ -194,6 +199,11 @@ class HarnessContext(StepContext):
     def teacher_cache_info(self) -> dict[str, Any]:
         """What the record says about teacher-output caching in this cell (``training.teacher_cache``)."""
         stores = {i: s for i, s in self.teacher_stores.items() if s is not None}
+        if self.pair_store is not None:
+            info = self.pair_store.info()
+            info["built_by_this_cell"] = bool(self.pair_passes)
+            info["passes_this_cell"] = self.pair_passes
+            return info
         if not stores:
             return {"used": False, "kind": "in memory by example id, within the cell"
                     if self.cacheable else "none: training batches are augmented at random"}
@@ -223,6 +233,25 @@ class HarnessContext(StepContext):
         self.teacher_forward_passes += 1
         self.teacher_examples += n_examples
         return out
+
+    def updating(self, key: str) -> bool:
+        return self.step % max(1, int(self.update_every.get(key, 1))) == 0
+
+    def teacher_pairs(self, batch_size: int, n: int | None = None, trajectory: bool = False) -> Batch:
+        if self.teacher is None:
+            raise TrainingError("this method asked for teacher pairs but the cell has no teacher")
+        if self.pair_store is None:
+            self.pair_store = self.task.teacher_pairs(self.teacher, n, trajectory)
+        store = self.pair_store
+        # Pair order: a pure function of (seed, step), like the training batches (exact resume).
+        idx = batch_indices(len(store), min(batch_size, len(store)), self.seed + 7_919, self.step)
+        out, passes, examples = store.get(idx)
+        if passes:
+            self.teacher_forward_passes += passes
+            self.teacher_examples += passes
+            self.pair_passes += passes
+            self.pair_examples += examples
+        return to_device(out, self.device)
 
     def calibration_batches(self, n: int) -> list[Batch]:
         """The first ``n`` batches of a fixed order (independent of the cell's seed)."""
@@ -293,6 +322,8 @@ class TrainResult:
     loss_log: list[dict[str, float]] = field(default_factory=list)
     method_log: dict[str, float] = field(default_factory=dict)
     generations: list[dict[str, Any]] = field(default_factory=list)
+    #: optimiser steps per optimiser key (differ from ``steps`` under update ratios, TTUR)
+    updates: dict[str, int] = field(default_factory=dict)
 
 
 def generation_seed(seed: int, index: int) -> int:
@@ -411,9 +442,17 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
     student.to(device).train()
     ctx.student = student
     ctx.generation, ctx.generation_steps = gen, plan[gen].steps
+    method.create_modules(ctx)
     extras = method.extra_modules()
     for m in extras.values():
         m.to(device).train()
+    ratios = {k: int(v) for k, v in type(method).update_every.items()}
+    bad = {k: v for k, v in ratios.items() if k not in ("student", *extras) or v < 1}
+    if bad:
+        raise TrainingError(f"method {method.name} declares update ratios {bad}; keys must be 'student' or its "
+                            f"extra modules {sorted(extras)}, each ratio >= 1")
+    ctx.update_every = ratios
+    updates = {k: 0 for k in ("student", *extras)}
     method.setup(ctx)
 
     def build(g: int):
@@ -442,6 +481,9 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
         ctx.previous_forward_passes = counters.get("previous_forward_passes", 0)
         ctx.previous_examples = counters.get("previous_examples", 0)
         ctx.teacher_store_built = counters.get("teacher_store_built", False)
+        ctx.pair_passes = counters.get("pair_passes", 0)
+        ctx.pair_examples = counters.get("pair_examples", 0)
+        updates.update(counters.get("updates", {}))
         result.loss_log = ckpt["loss_log"]
         prior_wall = counters["wall_s"]
         _set_rng_state(ckpt["rng"])
@@ -471,13 +513,18 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
         ctx.generation_step = step - starts[gen]
         batch = to_device(split.batch(batch_indices(n, bs, seed, step - starts[gen])), device)
         losses = method.training_step(batch, ctx)
-        if "student" not in losses and losses:
-            raise TrainingError(f"method {method.name} returned losses {sorted(losses)}; it must return "
-                                f"'student' plus keys of its extra modules {sorted(extras)}")
+        if not losses:
+            raise TrainingError(f"method {method.name} returned no loss at step {step}; it must return "
+                                f"'student' and/or keys of its extra modules {sorted(extras)}")
         keys = [k for k in modules if k in losses]
         unknown = set(losses) - set(modules)
         if unknown:
-            raise TrainingError(f"method {method.name} returned losses for unknown optimisers {sorted(unknown)}")
+            raise TrainingError(f"method {method.name} returned losses for unknown optimisers {sorted(unknown)}; "
+                                f"valid: 'student' and its extra modules {sorted(extras)}")
+        early = [k for k in keys if not ctx.updating(k)]
+        if early:
+            raise TrainingError(f"method {method.name} returned losses for {early} at step {step}, where its "
+                                f"update ratios {ratios} do not step them")
         for k in keys:
             value = losses[k].detach()
             if not torch.isfinite(value).all():
@@ -493,6 +540,8 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params[k], cfg.optim.grad_clip)
             optimizers[k].step()
+            updates[k] += 1
+        for k in modules:  # schedules run on harness steps, whether or not an optimiser stepped (TTUR)
             schedulers[k].step()
         ctx.step = step
         extra_log = method.on_step_end(ctx)
@@ -520,6 +569,8 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
                              "previous_forward_passes": ctx.previous_forward_passes,
                              "previous_examples": ctx.previous_examples,
                              "teacher_store_built": ctx.teacher_store_built,
+                             "pair_passes": ctx.pair_passes, "pair_examples": ctx.pair_examples,
+                             "updates": dict(updates),
                              "wall_s": prior_wall + now - t0},
             })
             last_ckpt = now
@@ -531,6 +582,7 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
     result.previous_forward_passes = ctx.previous_forward_passes
     result.previous_examples = ctx.previous_examples
     result.teacher_cache = ctx.teacher_cache_info()
+    result.updates = dict(updates)
     result.method_log = {k: v for k, v in (result.loss_log[-1] if result.loss_log else {}).items()
                          if k not in ("step", "generation")}
     student = ctx.student

@@ -7,6 +7,9 @@ no column is ever dropped.
 
 * FLOPs: one FlopCounterMode pass at batch 1 (attention included, CPU SDPA registered); iterative
   students (diffusion samplers) multiply the per-step count by ``Task.inference_steps()``.
+* Generators (`bench.diffusion.Generator`, the diffusion domain): the model's forward is its whole sampler,
+  so FLOPs, latency and memory are per image; ``nfe`` (network evaluations per image), the sampler and
+  ``flops_per_network_call`` are recorded beside them.
 * Training FLOPs per sample: forward + backward of the label loss at the training batch shape.
 * Latency: the profile's threads and timing protocol (smoke cells use a short protocol, recorded).
 * Peak memory: an isolated child per measurement, for inference at every latency/throughput batch
@@ -85,10 +88,17 @@ def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure
         "training_flops_per_sample": None,
         "latency": {}, "memory": {}, "training_memory": None, "utilisation": None, "errors": {},
     }
+    sampler = getattr(model, "sampler", None)
+    if sampler is not None and hasattr(sampler, "nfe"):
+        # A generator (bench.diffusion): one sample is one image through its whole sampler, so every count
+        # below is per image; the NFE (network evaluations per image) is recorded beside them.
+        out.update(nfe=sampler.nfe, sampler=sampler.describe(), flops_per_network_call=None)
     try:
         fc = forward_flops(model, task, device)
         out.update(flops_per_step=fc.flops, flops_per_sample=fc.flops * steps, macs_per_sample=fc.macs * steps,
                    flops_uncounted=list(fc.uncounted))
+        if "nfe" in out:
+            out["flops_per_network_call"] = fc.flops // max(1, out["nfe"])
     except Exception as exc:  # noqa: BLE001 - a failed probe is recorded, never fatal
         out["errors"]["flops"] = _err(exc)
     try:
