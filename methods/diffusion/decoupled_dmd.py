@@ -1,6 +1,9 @@
 """Decoupled DMD — CFG Augmentation as the Spear, Distribution Matching as the Shield (Liu, Gao, Liu, Du, Li,
 Wu, Jin, Cao, Zhang, Li, Hoi; Tongyi Lab / CUHK; arXiv 2511.22677, 2025; ICLR 2026; the Z-Image-Turbo recipe).
 
+Official code: none found — the authors' Z-Image release has no training code for this loss that could be
+read here, so a third-party port (below) stands in for it, and everything taken from it is labelled.
+
 Sources and what each gave:
 
 * **Paper** (only its abstract and first section were readable here: arxiv.org/html/2511.22677v1): the

@@ -2,7 +2,7 @@
 One-Step Generation (Zhou, Zheng, Wang, Yin, Huang; ICML 2024; arXiv 2404.04057), with the few-step
 extension of "Few-Step Diffusion via Score identity Distillation" (Zhou, Gu, Wang; arXiv 2505.12674, 2025).
 
-Code read: mingyuanzhou/SiD @ 01fbb13 — ``training/sid_loss.py`` (generator and fake-score losses),
+Official code read: mingyuanzhou/SiD @ 01fbb13 — ``training/sid_loss.py`` (generator and fake-score losses),
 ``training/sid_training_loop.py`` (update order, EMA), ``sid_train.py`` and ``run_sid.sh`` (defaults); its
 ``sida`` branch @ a5510fd — ``sida_training/sida_loss.py``, ``sida_networks.py``, ``run_sida.sh`` (the
 Diffusion-GAN that the few-step paper applies); mingyuanzhou/SiD-LSG @ 709fc22 — ``training/sid_sd_util.py``

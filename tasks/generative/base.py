@@ -337,9 +337,14 @@ class GenerativeTask(TeacherPool, Task):
         return outputs.loss
 
     # --- evaluation by generation --------------------------------------------------------------------
+    def score_protocol(self) -> dict[str, Any]:
+        """What the scoring does to generated images beyond the task's defaults (part of the evaluation spec)."""
+        return {}
+
     def _eval_spec(self) -> dict[str, Any]:
         return {"nfe": list(self.params.nfe), "eval_images": self.eval_images, "seed": self.EVAL_SEED,
-                "teacher_sampler_steps": self._d("teacher_sampler_steps"), "guidance": self.params.guidance}
+                "teacher_sampler_steps": self._d("teacher_sampler_steps"), "guidance": self.params.guidance,
+                **self.score_protocol()}
 
     def generate(self, model: Generator, steps: int, n: int | None = None) -> tuple[np.ndarray, torch.Tensor]:
         """``n`` (default ``eval_images``) uint8 images of ``model`` at ``steps`` steps, from the fixed noise and

@@ -28,7 +28,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bench import BenchError
 from bench.api import Metric
@@ -102,6 +102,13 @@ class GenEval(GenerativeTask):
                                                              "folder")
         evaluator_command: str | None = Field(None, description="full tier: the command that runs GenEval's "
                                                                 "official evaluate_images.py ({images}, {outfile})")
+
+        @field_validator("prompts")
+        @classmethod
+        def _prompts_parse(cls, v: str | None) -> str | None:
+            if v is not None:
+                P.load_metadata(v)  # a file in the wrong format stops the run here, before anything is written
+            return v
 
     def __init__(self, params: GenerativeParams, env) -> None:
         super().__init__(params, env)
