@@ -38,18 +38,18 @@ CHUNK = 250
 class PairStore:
     """``n`` pairs (noise, condition, teacher image[, trajectory]) of ``teacher``'s own sampler."""
 
-    def __init__(self, *, root: Path, teacher: Generator, teacher_key: str, conds: torch.Tensor, size: int,
-                 seed: int, trajectory: bool = False, data_fingerprint: str = "") -> None:
+    def __init__(self, *, root: Path, teacher: Generator, teacher_key: str, conds: torch.Tensor,
+                 shape: tuple[int, ...], seed: int, trajectory: bool = False, data_fingerprint: str = "") -> None:
         self.root = Path(root)
         self.teacher = teacher
         self.conds = conds
         self.n = int(len(conds))
-        self.size = size
+        self.shape = tuple(int(v) for v in shape)  # one sample: (channels, height, width)
         self.seed = seed
         self.trajectory = trajectory
         ident = {"format": FORMAT_VERSION, "teacher": teacher_key, "sampler": teacher.sampler.describe(),
                  "conds": hashlib.sha256(conds.numpy().tobytes()).hexdigest(), "seed": seed, "n": self.n,
-                 "size": size, "trajectory": trajectory, "data": data_fingerprint}
+                 "shape": list(self.shape), "trajectory": trajectory, "data": data_fingerprint}
         self.identity = ident
         self.key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
         self.path = self.root / f"pairs-{self.key}.pt"
@@ -64,7 +64,7 @@ class PairStore:
         import torch
 
         g = torch.Generator().manual_seed(self.seed + start // CHUNK)
-        return torch.randn(stop - start, 3, self.size, self.size, generator=g)
+        return torch.randn(stop - start, *self.shape, generator=g)
 
     def _build(self) -> tuple[dict[str, torch.Tensor], int]:
         import torch

@@ -6,10 +6,11 @@ COCO-2014 val captions, centre-cropped and resized to 256 px together with the v
 FID (Heusel et al. 2017) in the TF-Inception 2015-12-05 pool3 space with clean-fid's resizing (Parmar et
 al. 2022). This task keeps that protocol at every tier and labels what it changes:
 
-* **full** (`full.py`): a diffusers text-to-image pipeline from a local folder as teacher (Stable
-  Diffusion 1.5 is the papers' default), the caption list of ``captions`` (the 30k file under
-  ``<data root>/coco_captions``), FID against the val2014 images of ``coco_root``, the protocol's crop and
-  Lanczos resize to ``resolution``;
+* **full** (`full.py`, `tasks/generative/pipeline.py`): a diffusers text-to-image pipeline from a local
+  folder as teacher (``teacher_folder``; Stable Diffusion 1.5 is the papers' default), students of its UNet
+  architecture in its latent space, the caption list of ``captions`` (the 30k file under
+  ``<data root>/coco_captions``), FID against the val2014 images of ``coco_root`` after the protocol's crop
+  and Lanczos resize to ``resolution``; distillation on COCO train2014 image-caption pairs;
 * **small**: real CIFAR-10 (``<data root>/cifar10/cifar10_jpeg.zip``), class-conditional generation at
   32 x 32 for the prompts "a photo of a {class}" (the condition is the class: the prompt names it), a
   pixel-space flow-matching UNet teacher trained by the task and cached (`tasks.generative`). FID and KID
@@ -87,9 +88,6 @@ class CocoFID(GenerativeTask):
     class Params(GenerativeParams):
         captions: str | None = Field(None, description="caption CSV (image_id,text) of the full tier and of the "
                                                        "small tier's prompt check (default: <data root>/" + CAPTIONS + ")")
-        teacher_folder: str | None = Field(None, description="full tier: a local diffusers text-to-image pipeline "
-                                                             "folder (e.g. Stable Diffusion 1.5)")
-        coco_root: str | None = Field(None, description="full tier: a local COCO root with val2014/ images")
         resolution: int = Field(256, ge=32, le=2048, description="full tier: side of the centre crop + Lanczos "
                                                                  "resize applied to generated and real images")
         kid_subset_size: int = Field(1000, ge=10, le=100_000, description="KID subset size (clean-fid's default "
@@ -104,37 +102,56 @@ class CocoFID(GenerativeTask):
                 load_captions(v)  # a file in the wrong format stops the run here, before anything is written
             return v
 
-        @field_validator("teacher_folder")
-        @classmethod
-        def _pipeline_folder(cls, v: str | None) -> str | None:
-            if v is not None:
-                from pathlib import Path
-
-                folder = Path(v).expanduser()
-                if not (folder / "model_index.json").is_file():
-                    found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else None
-                    raise BenchError(f"coco_fid.teacher_folder {v!r} is not a diffusers pipeline folder: "
-                                     + (f"no model_index.json in it (found: {found or 'nothing'})" if found is not None
-                                        else "no such folder")
-                                     + "; expected a folder saved by DiffusionPipeline.save_pretrained (model_index.json, "
-                                       "unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-            return v
-
     def __init__(self, params: GenerativeParams, env) -> None:
         super().__init__(params, env)
         if env.tier == "smoke":  # the column says what the number is: never "FID" at the smoke tier
             self.aggregate_name = "FD_smoke"
             self.aggregate_rule = ("Fréchet distance in a seeded random-conv feature space of the row's images at "
                                    "its own sampler (lower is better; NOT an FID)")
-        if env.tier == "full":
-            raise BenchError("the coco_fid full tier needs coco_fid.teacher_folder and coco_fid.coco_root; "
-                             "see README (not built in this version)")
 
     # --- tiers ---------------------------------------------------------------------------------------
     def tier_defaults(self) -> dict[str, Any]:
+        if self.tier == "full":
+            return self._full_defaults
         return TIERS[self.tier]
 
+    @cached_property
+    def _full_defaults(self) -> dict[str, Any]:
+        unet = self.pipeline.unet.config
+        # 30k images: the COCO-30k protocol; 50 DDIM steps: the SD1.5 pipeline's default; 2,000 steps of 16:
+        # a budget to set per study (DMD2's SD1.5 run: 39k iterations of 2,048)
+        return {"image_size": int(unet.sample_size) * self.pipeline.vae_scale, "eval_images": 30_000,
+                "teacher_sampler_steps": 50, "steps": 2000, "batch_size": 16, "teacher_pairs": 1000}
+
+    @cached_property
+    def _full(self):
+        from .full import FullTier
+
+        return FullTier(self)
+
+    def caption_path(self) -> str | None:
+        from pathlib import Path
+
+        if self.params.captions:
+            return self.params.captions
+        if self.env.data_root and (Path(self.env.data_root) / CAPTIONS).is_file():
+            return str(Path(self.env.data_root) / CAPTIONS)
+        return None
+
     def unavailable(self) -> str | None:
+        if self.tier == "full":
+            from pathlib import Path
+
+            p = self.params
+            if not p.teacher_folder:
+                return "the coco_fid full tier needs coco_fid.teacher_folder (a local diffusers text-to-image pipeline)"
+            if not p.coco_root or not Path(p.coco_root, "val2014").is_dir():
+                return (f"the coco_fid full tier needs coco_fid.coco_root with val2014/ (and annotations/"
+                        f"captions_train2014.json + train2014/ for distillation); got {p.coco_root!r}")
+            if self.caption_path() is None:
+                return ("the coco_fid full tier needs the caption list: coco_fid.captions=FILE or a data root with "
+                        + CAPTIONS)
+            return None
         if self.tier == "small":
             from ..imagenet import data as idata
 
@@ -186,6 +203,20 @@ class CocoFID(GenerativeTask):
         np.savez(tmp, images=images, labels=np.asarray(labels))
         tmp.replace(path)
         return images, labels, fp
+
+    @cached_property
+    def _train(self):
+        if self.tier == "full":
+            return self._full.train_split()
+        images, conds, fp = self.load_train()
+        from ..generative.base import ConditionedImages
+
+        return ConditionedImages(images, conds, fp)
+
+    def eval_conditions_slice(self, start: int, stop: int, n: int) -> torch.Tensor:
+        if self.tier == "full":
+            return self._full.conditions(start, stop)
+        return super().eval_conditions_slice(start, stop, n)
 
     def load_train(self) -> tuple[np.ndarray, torch.Tensor, str]:
         import torch
@@ -253,6 +284,8 @@ class CocoFID(GenerativeTask):
             images, labels = idata.generate_smoke(1024, self.image_size, seed=12)
             return fid.reference_stats(folder, idata.array_fingerprint(images, labels), lambda: images,
                                        space_name=self.space.name)
+        if self.tier == "full":
+            return self._full.reference
         images, _, fp = self._folder_arrays("test")
         return fid.reference_stats(folder, f"cifar10-test:{fp}", lambda: images, space_name=self.space.name)
 
@@ -267,6 +300,8 @@ class CocoFID(GenerativeTask):
 
         if self.tier == "small":
             images = jpeg_roundtrip(images, JPEG_QUALITY)
+        elif self.tier == "full":
+            images = self._full.prepare(images)
         feats = fid.features(images, space_name=self.space.name, description=f"{self.space.fd_name} features")
         return {k: float(v) for k, v in fid.scores(feats, self._reference,
                                                    kid_subset_size=self.params.kid_subset_size).items()}
@@ -280,6 +315,10 @@ class CocoFID(GenerativeTask):
 
         ref = self._reference
         n = self.eval_images
+        half = ref.n // 2
+        if self.tier == "full":  # no second real set at the protocol's N: one half of the reference vs the other
+            return {"fd_real_n": None, "n": n, "n_reference": ref.n,
+                    "fd_real_half": fid.frechet_distance(*fid.stats(ref.features[:half]), *fid.stats(ref.features[half:]))}
         if self.tier == "smoke":
             from ..imagenet import data as idata
 
@@ -299,7 +338,6 @@ class CocoFID(GenerativeTask):
             except ValueError:
                 pass
         feats = fid.features(real, space_name=self.space.name, description="real-vs-real floor features")
-        half = ref.n // 2
         out = {"fd_real_n": fid.frechet_distance(*fid.stats(feats), ref.mu, ref.sigma),
                "fd_real_half": fid.frechet_distance(*fid.stats(ref.features[:half]), *fid.stats(ref.features[half:])),
                "n": n, "n_reference": ref.n}
@@ -308,6 +346,12 @@ class CocoFID(GenerativeTask):
 
     def notes(self) -> list[str]:
         fl = self.floors
+        if self.tier == "full":
+            out = [f"COCO-2014 zero-shot FID: {fl['n']} captions of the caption list, images centre-cropped and "
+                   f"Lanczos-resized to {self.params.resolution} with the val2014 images of the same ids (DMD2's "
+                   f"protocol), TF-Inception 2015-12-05 pool3 with clean-fid's resize; half vs half of the reference "
+                   f"{fl['fd_real_half']:.2f}. Distillation data: COCO train2014 image-caption pairs."]
+            return out
         what = "FD_smoke (seeded random-conv features; not an FID, never compare with published numbers)" \
             if self.tier == "smoke" else "FID in the TF-Inception 2015-12-05 pool3 space with clean-fid's resize"
         ref = "1,024 generated reference images" if self.tier == "smoke" else "the 10,000 CIFAR-10 test images"
@@ -330,6 +374,12 @@ class CocoFID(GenerativeTask):
                     "train": {"n": len(self._train), "sha256": self._train.fingerprint},
                     "eval": {"reference": {"n": self._reference.n, "sha256": self._reference.key}},
                     "prompts": self.prompts(), "feature_network": self.space.summary}
+        if self.tier == "full":
+            return {"source": f"COCO root {self._full.root}: train2014 captions for distillation, val2014 for FID",
+                    "train": {"n": len(self._train), "sha256": self._train.fingerprint},
+                    "eval": {"reference": {"split": "val2014", "n": self._reference.n, "sha256": self._reference.key}},
+                    "captions": {"path": self.caption_path(), "n": self.eval_images},
+                    "feature_network": {"summary": self.space.summary, "sha256": fid.fingerprint(self.space.name)}}
         captions = self._captions()
         return {"source": f"CIFAR-10 JPEG zip (shared/data/SOURCES.md) extracted to {self._cifar}",
                 "captions": captions,

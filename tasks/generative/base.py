@@ -87,6 +87,21 @@ class GenerativeParams(Params):
                                                                              "that regress on them (default "
                                                                              "per tier)")
 
+    teacher_folder: str | None = Field(None, description="full tier: a local diffusers text-to-image pipeline "
+                                                         "folder (e.g. Stable Diffusion 1.5), the teacher")
+    coco_root: str | None = Field(None, description="full tier: a local COCO root (val2014/ for coco_fid's FID; "
+                                                    "annotations/captions_train2014.json + train2014/: the "
+                                                    "distillation pairs)")
+
+    @field_validator("teacher_folder")
+    @classmethod
+    def _pipeline_folder(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .pipeline import check_folder
+
+            check_folder(v)  # an unknown teacher folder stops the run here, before anything is written
+        return v
+
     @field_validator("nfe")
     @classmethod
     def _step_counts(cls, v: list[int]) -> list[int]:
@@ -226,17 +241,40 @@ class GenerativeTask(TeacherPool, Task):
     def make_generator(self, net: nn.Module, *, steps: int, guidance: float, description: str) -> Generator:
         from bench.diffusion import Generator, Sampler, Schedule
 
-        return Generator(net, schedule=Schedule("flow"), prediction="flow",
+        if self.tier == "full":
+            from .pipeline import schedule_and_prediction
+
+            schedule, prediction = schedule_and_prediction(self.pipeline.scheduler_config)
+        else:
+            schedule, prediction = Schedule("flow"), "flow"
+        return Generator(net, schedule=schedule, prediction=prediction,
                          sampler=Sampler("ode", steps=steps, guidance=guidance), description=description)
+
+    @cached_property
+    def pipeline(self):
+        """Full tier: the local diffusers text-to-image pipeline named by ``teacher_folder``."""
+        from .pipeline import Pipeline
+
+        folder = getattr(self.params, "teacher_folder", None)
+        if not folder:
+            raise BenchError(f"the {self.name} full tier needs {self.name}.teacher_folder (a local diffusers "
+                             f"text-to-image pipeline folder, e.g. Stable Diffusion 1.5)")
+        return Pipeline(folder, self.env.device)
 
     def _build(self, role: str, seed: int, **extra: Any) -> Generator:
         import torch
 
         from . import nets
 
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            net = nets.build({**self.net_config(role), **extra})
+        if self.tier == "full":
+            if role == "compact" or extra:
+                raise BenchError(f"the {self.name} full tier builds students only as the teacher pipeline's UNet; "
+                                 f"a narrower or modified student network ({role}, {sorted(extra)}) is not available")
+            net = self.pipeline.network(fresh=role != "teacher", seed=seed)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                net = nets.build({**self.net_config(role), **extra})
         if role == "teacher":
             return self.make_generator(net, steps=self._d("teacher_sampler_steps"), guidance=self.params.guidance,
                                        description="flow-matching teacher, Euler reference sampler")
@@ -281,7 +319,15 @@ class GenerativeTask(TeacherPool, Task):
     def _trained_teacher(self, spec: Any) -> tuple[nn.Module, dict[str, Any]]:
         import torch
 
-        from bench.teachers import cached_teacher
+        from bench.teachers import cached_teacher, checkpoint_identity, identity_key
+
+        if self.tier == "full":
+            folder = str(self.pipeline.folder)
+            ident = {"pipeline": checkpoint_identity(folder), "scheduler": self.pipeline.scheduler_config}
+            model = self._build("teacher", 0)
+            return model, {"name": spec.name, "trained_by": "provided", "weights": folder,
+                           "cache_key": identity_key(ident), "n_params": sum(p.numel() for p in model.parameters()),
+                           "generator": model.describe()}
 
         cfg = self.teacher_training()
         ident = {"task": self.name, "task_version": self.version, "tier": self.tier, "subtask": self.env.subtask,
@@ -356,19 +402,35 @@ class GenerativeTask(TeacherPool, Task):
 
         n = n or self.eval_images
         sampler = model.sampler_at(steps)
-        conds = self.eval_conditions(n)
         device = next(model.parameters()).device
-        bs = 250
-        chunks = []
+        bs = 250 if self.tier != "full" else 16
+        chunks, cond_chunks = [], []
         with progress.bar(f"Sampling {n} images at {steps} step(s)", n) as update, torch.inference_mode():
             for start in range(0, n, bs):
                 stop = min(n, start + bs)
+                conds = self.eval_conditions_slice(start, stop, n)
                 g = torch.Generator().manual_seed(self.EVAL_SEED + start)
-                noise = torch.randn(stop - start, 3, self.image_size, self.image_size, generator=g)
-                x = model.sample(noise.to(device), conds[start:stop].to(device), sampler, generator=g)
-                chunks.append(to_uint8(x))
+                noise = torch.randn(stop - start, *self.sample_shape(), generator=g)
+                x = model.sample(noise.to(device), conds.to(device), sampler, generator=g)
+                chunks.append(to_uint8(self.decode(x)))
+                cond_chunks.append(conds if self.tier != "full" else conds[:, :1, :1])  # full: embeddings are large
                 update(stop)
-        return np.concatenate(chunks), conds
+        return np.concatenate(chunks), torch.cat(cond_chunks)
+
+    def eval_conditions_slice(self, start: int, stop: int, n: int) -> torch.Tensor:
+        """Conditions of evaluation images ``start:stop`` of ``n`` (the full tier encodes them chunk by chunk)."""
+        return self.eval_conditions(n)[start:stop]
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape of one sample the generator denoises: pixels below the full tier, VAE latents at it."""
+        if self.tier == "full":
+            side = self.image_size // self.pipeline.vae_scale
+            return (self.pipeline.latent_channels, side, side)
+        return (3, self.image_size, self.image_size)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples -> images in [-1, 1] (the VAE decoder at the full tier)."""
+        return self.pipeline.decode(x) if self.tier == "full" else x
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         entry = self._teacher_entry(model)
@@ -404,7 +466,7 @@ class GenerativeTask(TeacherPool, Task):
             conds = self.pair_conditions(n)
             self._pair_stores[key] = PairStore(
                 root=Path(self.env.cache_dir) / self.name / "pairs", teacher=teacher, teacher_key=self.teacher_key(teacher),
-                conds=conds, size=self.image_size, seed=self.EVAL_SEED + 1, trajectory=trajectory,
+                conds=conds, shape=self.sample_shape(), seed=self.EVAL_SEED + 1, trajectory=trajectory,
                 data_fingerprint=self._train.fingerprint)
         return self._pair_stores[key]
 
@@ -413,8 +475,10 @@ class GenerativeTask(TeacherPool, Task):
         import torch
 
         g = torch.Generator().manual_seed(self.EVAL_SEED + 2)
-        conds = self._train.conds
-        return conds[torch.randint(0, len(conds), (n,), generator=g)]
+        idx = torch.randint(0, len(self._train), (n,), generator=g)
+        if hasattr(self._train, "conditions"):  # the full tier encodes captions on demand
+            return self._train.conditions(idx.tolist())
+        return self._train.conds[idx]
 
     # --- efficiency probes ---------------------------------------------------------------------------
     def example_inputs(self, batch_size: int) -> dict[str, torch.Tensor]:
@@ -423,8 +487,8 @@ class GenerativeTask(TeacherPool, Task):
         import torch
 
         g = torch.Generator().manual_seed(0)
-        return {"noise": torch.randn(batch_size, 3, self.image_size, self.image_size, generator=g),
-                "cond": self.eval_conditions(max(batch_size, 1))[:batch_size]}
+        return {"noise": torch.randn(batch_size, *self.sample_shape(), generator=g),
+                "cond": self.eval_conditions_slice(0, batch_size, max(batch_size, 1))}
 
     def example_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         """A training batch (the training-step memory probe back-propagates the flow-matching loss)."""
@@ -434,6 +498,10 @@ class GenerativeTask(TeacherPool, Task):
 
     def input_description(self) -> str:
         s = self.image_size
+        if self.tier == "full":
+            c, h, w = self.sample_shape()
+            return (f"one {s}x{s} image: {c}x{h}x{w} latent noise + text embedding through the whole sampler "
+                    f"(the text encoder and the VAE decoder are not counted)")
         return f"one 3x{s}x{s} image (noise + condition through the whole sampler)"
 
     # --- provenance ----------------------------------------------------------------------------------

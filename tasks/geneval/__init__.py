@@ -15,12 +15,15 @@ is the unweighted mean of the six (`rules.summarize`).
   conditioned on the prompt's tokens, trained by the task and cached (`tasks.generative`). These scores
   measure compositional alignment of shape scenes: they are **not** GenEval scores and never comparable with
   published ones (SD1.5 0.43, SANA-Sprint 0.74);
-* **full**: the official prompts (``<data root>/geneval/evaluation_metadata.jsonl``, 553) and a diffusers
-  text-to-image teacher; the official evaluator's detector stack (mmdet 2.x Mask2Former, CLIP ViT-L/14) is not
-  installed by bench: images are written in the layout the official ``evaluate_images.py`` reads
-  (`official.write_official_layout`), the command the user names runs it, and its results file is read back
-  (`official.read_official_results`) and summarised with GenEval's rules. Not built in this version (see
-  the README).
+* **full**: the official prompts (``<data root>/geneval/evaluation_metadata.jsonl``, 553, or ``prompts``)
+  and a diffusers text-to-image teacher from a local folder (``teacher_folder``, `tasks.generative.pipeline`;
+  distillation data: COCO train2014 image-caption pairs of ``coco_root``, as coco_fid's full tier). The
+  official evaluator's detector stack (mmdet 2.x Mask2Former, CLIP ViT-L/14, CUDA) is not installed by
+  bench: the row's images are written in the layout the official ``evaluate_images.py`` reads
+  (`official.write_official_layout`), the command the user names (``evaluator_command``, with ``{images}``
+  and ``{outfile}``) runs it, and its results file is read back (`official.read_official_results`) and
+  summarised with GenEval's rules (`rules.summarize`, as ``summary_scores.py``). ``python -m
+  bench.tasks.geneval.official`` is a stand-in command with the shape detector (for tests; not GenEval).
 """
 
 from __future__ import annotations
@@ -98,10 +101,9 @@ class GenEval(GenerativeTask):
     class Params(GenerativeParams):
         prompts: str | None = Field(None, description="full tier: GenEval evaluation_metadata.jsonl (default "
                                                       "<data root>/geneval/evaluation_metadata.jsonl)")
-        teacher_folder: str | None = Field(None, description="full tier: a local diffusers text-to-image pipeline "
-                                                             "folder")
         evaluator_command: str | None = Field(None, description="full tier: the command that runs GenEval's "
-                                                                "official evaluate_images.py ({images}, {outfile})")
+                                                                "official evaluate_images.py, with {images} (the "
+                                                                "generation folder) and {outfile} (results JSONL)")
 
         @field_validator("prompts")
         @classmethod
@@ -112,23 +114,75 @@ class GenEval(GenerativeTask):
 
     def __init__(self, params: GenerativeParams, env) -> None:
         super().__init__(params, env)
-        if env.tier == "full":
-            raise BenchError("the geneval full tier (official prompts, a diffusers teacher, the official evaluator "
-                             "as an external command) is not built in this version; see the README")
         self.tokenizer = Tokenizer.for_shapes(P.SHAPES)
 
     def tier_defaults(self) -> dict[str, Any]:
-        d = dict(TIERS[self.tier])
+        if self.tier == "full":
+            # GenEval's generation/diffusers_generate.py: 50 steps; the image side is the pipeline's own
+            d = {"image_size": int(self.pipeline.unet.config.sample_size) * self.pipeline.vae_scale,
+                 "teacher_sampler_steps": 50, "steps": 2000, "batch_size": 16, "teacher_pairs": 1000}
+        else:
+            d = dict(TIERS[self.tier])
         d["eval_images"] = IMAGES_PER_PROMPT * len(self._eval_prompts)
         return d
 
     def net_condition(self) -> dict[str, Any]:
         return {"vocab_size": len(self.tokenizer.vocab), "max_len": self.tokenizer.max_len}
 
+    def prompt_path(self) -> str | None:
+        from pathlib import Path
+
+        if self.params.prompts:
+            return self.params.prompts
+        default = Path(self.env.data_root or ".") / "geneval" / "evaluation_metadata.jsonl"
+        return str(default) if self.env.data_root and default.is_file() else None
+
+    def unavailable(self) -> str | None:
+        if self.tier != "full":
+            return None
+        p = self.params
+        missing = [what for what, ok in (
+            ("geneval.teacher_folder (a local diffusers text-to-image pipeline)", p.teacher_folder),
+            ("geneval.evaluator_command (the official evaluate_images.py as a command with {images} and {outfile})",
+             p.evaluator_command),
+            ("geneval.coco_root (COCO train2014 image-caption pairs to distil on)", p.coco_root),
+            ("the prompt file (geneval.prompts, or <data root>/geneval/evaluation_metadata.jsonl)", self.prompt_path()),
+        ) if not ok]
+        return f"the geneval full tier needs {'; '.join(missing)}" if missing else None
+
     # --- prompts and data ----------------------------------------------------------------------------
     @cached_property
     def _eval_prompts(self) -> list[dict]:
+        if self.tier == "full":
+            path = self.prompt_path()
+            if path is None:
+                raise BenchError("the geneval full tier needs geneval.prompts or <data root>/geneval/"
+                                 "evaluation_metadata.jsonl")
+            return P.load_metadata(path)
         return P.shape_prompts(P.SHAPES, seed=P.SEED, n_per_task=TIERS[self.tier]["n_per_task"])
+
+    @cached_property
+    def _train(self):
+        if self.tier == "full":
+            from pathlib import Path
+
+            from ..coco_fid.full import CocoTrain
+
+            if not self.params.coco_root:
+                raise BenchError("the geneval full tier needs geneval.coco_root (COCO train2014 pairs to distil on)")
+            return CocoTrain(Path(self.params.coco_root).expanduser(), self.pipeline, self.image_size)
+        from ..generative.base import ConditionedImages
+
+        return ConditionedImages(*self.load_train())
+
+    def _slot_prompts(self) -> list[str]:
+        return [m["prompt"] for m in self._eval_prompts for _ in range(IMAGES_PER_PROMPT)]
+
+    def eval_conditions_slice(self, start: int, stop: int, n: int) -> torch.Tensor:
+        if self.tier == "full":
+            prompts = self._slot_prompts()
+            return self.pipeline.encode_prompts([prompts[i % len(prompts)] for i in range(start, stop)])
+        return super().eval_conditions_slice(start, stop, n)
 
     def load_train(self) -> tuple[np.ndarray, torch.Tensor, str]:
         import hashlib
@@ -148,7 +202,7 @@ class GenEval(GenerativeTask):
 
     def eval_conditions(self, n: int) -> torch.Tensor:
         """Each evaluation prompt ``IMAGES_PER_PROMPT`` times, in order (cycled if more are asked for)."""
-        prompts = [m["prompt"] for m in self._eval_prompts for _ in range(IMAGES_PER_PROMPT)]
+        prompts = self._slot_prompts()
         reps = -(-n // len(prompts))
         return self.tokenizer.batch((prompts * reps)[:n])
 
@@ -171,6 +225,10 @@ class GenEval(GenerativeTask):
         if len(images) != len(metas):
             raise BenchError(f"geneval: {len(images)} images for {len(metas)} prompt slots "
                              f"({len(self._eval_prompts)} prompts x {IMAGES_PER_PROMPT})")
+        if self.tier == "full":
+            summary = rules.summarize(self._official_results(images))
+            return {k: float(summary.get(k, float("nan"))) for k in ("overall", *P.CATEGORIES, "correct_images",
+                                                                     "correct_prompts")}
         results = []
         with progress.bar("GenEval-like detection", len(images)) as update:
             for i, (image, meta) in enumerate(zip(images, metas)):
@@ -179,7 +237,40 @@ class GenEval(GenerativeTask):
         summary = rules.summarize(results)
         return {k: float(summary[k]) for k in ("overall", *P.CATEGORIES, "correct_images", "correct_prompts")}
 
+    def _official_results(self, images: np.ndarray) -> list[dict]:
+        """Write the images in the official layout, run the user's evaluator command, read its results."""
+        import hashlib
+        import shlex
+        import shutil
+        import subprocess
+
+        from bench import progress
+
+        from .official import read_official_results, write_official_layout
+
+        k = IMAGES_PER_PROMPT
+        digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
+        work = self.env.cache_dir / self.name / "official" / digest
+        shutil.rmtree(work, ignore_errors=True)
+        folder = write_official_layout(work / "images", self._eval_prompts,
+                                       [list(images[i * k:(i + 1) * k]) for i in range(len(self._eval_prompts))])
+        outfile = work / "results.jsonl"
+        cmd = self.params.evaluator_command.format(images=shlex.quote(str(folder)), outfile=shlex.quote(str(outfile)))
+        progress.log(f"running the GenEval evaluator: {cmd}")
+        proc = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BenchError(f"the GenEval evaluator command failed (exit {proc.returncode}): {cmd}\n"
+                             f"{(proc.stderr or proc.stdout)[-2000:]}")
+        results = read_official_results(outfile)
+        shutil.rmtree(folder, ignore_errors=True)  # the results file stays beside it, for provenance
+        return results
+
     def notes(self) -> list[str]:
+        if self.tier == "full":
+            return [f"GenEval: {len(self._eval_prompts)} prompts x {IMAGES_PER_PROMPT} images from "
+                    f"{self.prompt_path()}, scored by the evaluator command {self.params.evaluator_command!r} on "
+                    f"the official generation layout and summarised with GenEval's rules. Distillation data: "
+                    f"COCO train2014 image-caption pairs."]
         out = [f"GenEval-like shape task ({len(self._eval_prompts)} prompts over {len(P.SHAPES)} shapes x "
                f"{IMAGES_PER_PROMPT} images, 32 x 32, programmatic detector): GenEval's templates, rules and "
                f"aggregation, not GenEval's classes or detector — never compare with published GenEval scores."]
@@ -193,6 +284,11 @@ class GenEval(GenerativeTask):
         import json
 
         blob = json.dumps(self._eval_prompts, sort_keys=True).encode()
+        if self.tier == "full":
+            return {"source": f"prompts {self.prompt_path()}; distillation pairs from COCO root {self.params.coco_root}",
+                    "train": {"n": len(self._train), "sha256": self._train.fingerprint},
+                    "eval": {"prompts": {"n": len(self._eval_prompts), "sha256": hashlib.sha256(blob).hexdigest(),
+                                         "images_per_prompt": IMAGES_PER_PROMPT}}}
         return {"source": "rendered shape scenes (tasks/geneval/render.py) of random GenEval-template prompts",
                 "image_size": self.image_size,
                 "train": {"n": len(self._train), "sha256": self._train.fingerprint},

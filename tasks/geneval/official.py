@@ -166,3 +166,26 @@ def read_official_results(path: str | Path) -> list[dict]:
             raise BenchError(f"{where}: field 'tag' is {rec['tag']!r} but its metadata says {meta['tag']!r}")
         out.append(rec)
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.tasks.geneval.official IMAGES OUTFILE``: score a generation layout with the shape
+    detector and GenEval's rules and write the results file in the official evaluator's format. A stand-in
+    for ``evaluation/evaluate_images.py`` where its detector stack is not installed (tests; checking a layout):
+    it detects the GenEval-like task's shapes, not COCO objects, so its scores are not GenEval's."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        print("usage: python -m bench.tasks.geneval.official IMAGES_FOLDER OUTFILE", file=sys.stderr)
+        return 2
+    try:
+        write_results(args[1], evaluate_layout(args[0]))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through a subprocess in the tests
+    raise SystemExit(main())
