@@ -54,21 +54,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, model_validator
 
 from bench.api import Method, Params
+from bench.methods.diffusion.dmd2 import (NUM_TRAIN_TIMESTEPS, backward_simulation, configure_generator, dm_loss,
+                                          fake_score_loss, generator_steps)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from bench.api import Batch, StepContext
-
-#: integer steps of a 1000-step schedule, t = k / 1000 on the flow teacher (DMD2's ``num_train_timesteps``)
-NUM_TRAIN_TIMESTEPS = 1000
-
-
-def generator_steps(steps: int, total: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
-    """DMD2's ``denoising_step_list`` = range(total - 1, 0, -(total // steps)), first ``steps`` entries."""
-    return list(range(total - 1, 0, -(total // steps)))[:steps]
-
 
 def decoupled_directions(x: torch.Tensor, d_fake_c: torch.Tensor | None, d_real_c_dm: torch.Tensor | None,
                          d_real_c_ca: torch.Tensor, d_real_u_ca: torch.Tensor,
@@ -87,11 +80,8 @@ def decoupled_directions(x: torch.Tensor, d_fake_c: torch.Tensor | None, d_real_
     return g_dm, g_ca
 
 
-def direction_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """DMD2's 0.5 * mean((x - sg(x - grad))^2): its gradient in x is grad / x.numel()."""
-    import torch.nn.functional as F
-
-    return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float(), reduction="mean")
+#: DMD2's 0.5 * mean((x - sg(x - grad))^2), whose gradient in x is grad / x.numel(): each term's loss
+direction_loss = dm_loss
 
 
 class DecoupledDMD(Method):
@@ -157,14 +147,7 @@ class DecoupledDMD(Method):
 
     # --- models ----------------------------------------------------------------------------------------
     def init_student(self, teacher: nn.Module, student: nn.Module, ctx: StepContext) -> nn.Module:
-        from bench.diffusion import Sampler
-
-        student.net.load_state_dict(teacher.net.state_dict())
-        student.sampler = Sampler("consistency", steps=len(self.times), timesteps=self.times)
-        student.steps_options = (len(self.times),)
-        student.timestep_table = {len(self.times): self.times}
-        student.description = f"Decoupled-DMD generator at t = {list(self.times)} (consistency sampler)"
-        return student
+        return configure_generator(student, teacher, self.times, "Decoupled-DMD")
 
     def create_modules(self, ctx: StepContext) -> None:
         self.fake = copy.deepcopy(ctx.teacher)  # fake score: a copy of the teacher, trained on generator samples
@@ -178,19 +161,6 @@ class DecoupledDMD(Method):
         self.w = float(p.guidance if p.guidance is not None else getattr(ctx.task.params, "guidance", 1.0))
 
     # --- losses ------------------------------------------------------------------------------------------
-    def generator_input(self, student: nn.Module, noise: torch.Tensor, cond: Any) -> tuple[torch.Tensor, int]:
-        """DMD2's backward simulation: k ~ U{0..steps-1} steps of the student's chain from pure noise, no
-        gradient; returns the input and the index k of the generator step it is denoised at."""
-        import torch
-
-        k = int(torch.randint(0, len(self.times), (1,)).item()) if len(self.times) > 1 else 0
-        x = noise
-        with torch.no_grad():
-            for i in range(k):
-                x0 = student.denoise(x, torch.full((x.shape[0],), self.times[i], device=x.device), cond)
-                x = student.add_noise(x0, torch.randn_like(x0), self.times[i + 1])
-        return x, k
-
     def _generator_loss(self, x: torch.Tensor, cond: Any, t_gen: int, ctx: StepContext) -> torch.Tensor:
         import torch
 
@@ -224,17 +194,6 @@ class DecoupledDMD(Method):
             self._last["loss_dm"] = float(loss_dm.detach())
         return loss
 
-    def _fake_loss(self, x: torch.Tensor, cond: Any) -> torch.Tensor:
-        """DMD2's fake-score loss on detached samples in the teacher's parameterisation, k ~ U{0..999}."""
-        import torch
-
-        fake = self.fake
-        k = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x.shape[0],), device=x.device)
-        t = k.to(x.dtype) / NUM_TRAIN_TIMESTEPS
-        eps = torch.randn_like(x)
-        pred = fake.predict(fake.add_noise(x, eps, t), t, cond)
-        return (pred.float() - fake.target(x, eps, t).float()).pow(2).mean()
-
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         import torch
 
@@ -242,13 +201,13 @@ class DecoupledDMD(Method):
         student = ctx.student
         generator_turn = ctx.updating("student")
         self._last = {}
-        x_in, k = self.generator_input(student, torch.randn_like(real), cond)
+        x_in, k = backward_simulation(student, self.times, torch.randn_like(real), cond)
         with torch.set_grad_enabled(generator_turn):
             x = student.denoise(x_in, torch.full((real.shape[0],), self.times[k], device=real.device), cond)
         losses: dict[str, torch.Tensor] = {}
         if generator_turn:
             losses["student"] = self._generator_loss(x, cond, self.steps_idx[k], ctx)
-        losses["fake"] = self._fake_loss(x.detach(), cond)
+        losses["fake"] = fake_score_loss(self.fake, x.detach(), cond)
         return losses
 
     def on_step_end(self, ctx: StepContext) -> dict[str, float]:

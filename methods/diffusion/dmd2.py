@@ -138,6 +138,46 @@ def gan_head(channels: int, side: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def configure_generator(student: nn.Module, teacher: nn.Module, times: tuple[float, ...], label: str) -> nn.Module:
+    """The generator starts as the teacher (``--initialie_generator``) and samples like DMD2's: x0 jumps at
+    ``times`` with fresh re-noising (a consistency sampler), at exactly that many steps."""
+    from bench.diffusion import Sampler
+
+    student.net.load_state_dict(teacher.net.state_dict())
+    student.sampler = Sampler("consistency", steps=len(times), timesteps=times)
+    student.steps_options = (len(times),)
+    student.timestep_table = {len(times): times}
+    student.description = f"{label} generator at t = {list(times)} (consistency sampler)"
+    return student
+
+
+def backward_simulation(student: nn.Module, times: tuple[float, ...], noise: torch.Tensor,
+                        cond: Any) -> tuple[torch.Tensor, int]:
+    """``sample_backward``: k ~ U{0..steps-1} steps of the student's own chain from pure noise, no gradient;
+    returns the generator's input at time ``times[k]`` and k (k = 0: the noise itself)."""
+    import torch
+
+    k = int(torch.randint(0, len(times), (1,)).item()) if len(times) > 1 else 0
+    x = noise
+    with torch.no_grad():
+        for i in range(k):
+            x0 = student.denoise(x, torch.full((x.shape[0],), times[i], device=x.device), cond)
+            x = student.add_noise(x0, torch.randn_like(x0), times[i + 1])
+    return x, k
+
+
+def fake_score_loss(score: nn.Module, x: torch.Tensor, cond: Any) -> torch.Tensor:
+    """The fake score's denoising loss on detached generator samples, in the teacher's parameterisation,
+    at t = k / 1000 with k ~ U{0..999} (``compute_loss_fake``)."""
+    import torch
+
+    k = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x.shape[0],), device=x.device)
+    t = k.to(x.dtype) / NUM_TRAIN_TIMESTEPS
+    eps = torch.randn_like(x)
+    pred = score.predict(score.add_noise(x, eps, t), t, cond)
+    return (pred.float() - score.target(x, eps, t).float()).pow(2).mean()
+
+
 def _cat(a: Any, b: Any) -> Any:
     import torch
 
@@ -206,14 +246,7 @@ class DMD2(Method):
 
     # --- models ----------------------------------------------------------------------------------------
     def init_student(self, teacher: nn.Module, student: nn.Module, ctx: StepContext) -> nn.Module:
-        from bench.diffusion import Sampler
-
-        student.net.load_state_dict(teacher.net.state_dict())  # --initialie_generator
-        student.sampler = Sampler("consistency", steps=len(self.times), timesteps=self.times)
-        student.steps_options = (len(self.times),)
-        student.timestep_table = {len(self.times): self.times}
-        student.description = f"DMD2 generator at t = {list(self.times)} (consistency sampler)"
-        return student
+        return configure_generator(student, teacher, self.times, "DMD2")
 
     def create_modules(self, ctx: StepContext) -> None:
         import torch
@@ -249,16 +282,8 @@ class DMD2(Method):
 
     # --- losses ------------------------------------------------------------------------------------------
     def generator_input(self, student: nn.Module, noise: torch.Tensor, cond: Any) -> tuple[torch.Tensor, float]:
-        """Backward simulation (``sample_backward``): k ~ U{0..steps-1} steps of the student's own chain from
-        pure noise, no gradient; returns the input at time t_k and t_k (k = 0: the noise itself at 0.999)."""
-        import torch
-
-        k = int(torch.randint(0, len(self.times), (1,)).item()) if len(self.times) > 1 else 0
-        x = noise
-        with torch.no_grad():
-            for i in range(k):
-                x0 = student.denoise(x, torch.full((x.shape[0],), self.times[i], device=x.device), cond)
-                x = student.add_noise(x0, torch.randn_like(x0), self.times[i + 1])
+        """Backward simulation (`backward_simulation`): the input and its time t_k (k = 0: the noise at 0.999)."""
+        x, k = backward_simulation(student, self.times, noise, cond)
         return x, self.times[k]
 
     def _logits(self, x: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -289,15 +314,7 @@ class DMD2(Method):
         return dm_loss(x, grad)
 
     def _fake_loss(self, x: torch.Tensor, cond: Any) -> torch.Tensor:
-        """Denoising loss of the fake score on detached samples, in the teacher's parameterisation."""
-        import torch
-
-        score = self.fake["score"]
-        k = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x.shape[0],), device=x.device)
-        t = k.to(x.dtype) / NUM_TRAIN_TIMESTEPS
-        eps = torch.randn_like(x)
-        pred = score.predict(score.add_noise(x, eps, t), t, cond)
-        return (pred.float() - score.target(x, eps, t).float()).pow(2).mean()
+        return fake_score_loss(self.fake["score"], x, cond)
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         import torch

@@ -92,6 +92,18 @@ class CocoFID(GenerativeTask):
                                                                  "resize applied to generated and real images")
         kid_subset_size: int = Field(1000, ge=10, le=100_000, description="KID subset size (clean-fid's default "
                                                                           "1000; clipped to the smaller set)")
+        # DMD2's COCO evaluation: open_clip ViT-g-14 (LAION-2B weights)
+        clip_model: str = Field("ViT-g-14", description="full tier: open_clip architecture of the CLIP score")
+        clip_weights: str | None = Field(None, description="full tier: local open_clip checkpoint of clip_model; "
+                                                           "without it the CLIP score is not computed")
+
+        @field_validator("clip_weights")
+        @classmethod
+        def _clip_file(cls, v: str | None) -> str | None:
+            if v is not None and not __import__("os").path.isfile(v):
+                raise BenchError(f"coco_fid.clip_weights {v!r} is not a file (a local open_clip checkpoint, e.g. "
+                                 f"open_clip_pytorch_model.bin of laion/CLIP-ViT-g-14-laion2B-s12B-b42K)")
+            return v
 
         @field_validator("captions")
         @classmethod
@@ -270,7 +282,14 @@ class CocoFID(GenerativeTask):
                        description=f"{sp.kd_name.upper()} (unbiased cubic-kernel MMD^2, Bińkowski et al. 2018; x1000) "
                                    f"against the reference set"),
                 Metric(f"{sp.kd_name}_std", higher_is_better=False, scale=1000.0,
-                       description=f"standard deviation of {sp.kd_name.upper()} over its 100 subsets (x1000)")]
+                       description=f"standard deviation of {sp.kd_name.upper()} over its 100 subsets (x1000)"),
+                *self._clip_metric()]
+
+    def _clip_metric(self) -> list[Metric]:
+        if self.tier != "full" or not self.params.clip_weights:
+            return []
+        return [Metric("clip_score", column=True, scale=1.0,
+                       description=f"CLIP score: mean image-caption cosine similarity, open_clip {self.params.clip_model}")]
 
     @cached_property
     def _reference(self):
@@ -300,11 +319,17 @@ class CocoFID(GenerativeTask):
 
         if self.tier == "small":
             images = jpeg_roundtrip(images, JPEG_QUALITY)
-        elif self.tier == "full":
+        extra = {}
+        if self.tier == "full":
+            if self.params.clip_weights:
+                from .clip_score import clip_score
+
+                extra["clip_score"] = clip_score(images, [t for _, t in self._full.captions[:len(images)]],
+                                                 self.params.clip_model, self.params.clip_weights, self.env.device)
             images = self._full.prepare(images)
         feats = fid.features(images, space_name=self.space.name, description=f"{self.space.fd_name} features")
-        return {k: float(v) for k, v in fid.scores(feats, self._reference,
-                                                   kid_subset_size=self.params.kid_subset_size).items()}
+        return {**{k: float(v) for k, v in fid.scores(feats, self._reference,
+                                                      kid_subset_size=self.params.kid_subset_size).items()}, **extra}
 
     @cached_property
     def floors(self) -> dict[str, Any]:
