@@ -52,7 +52,7 @@ TIERS: dict[str, dict[str, Any]] = {
     # small: CPU minutes; a 1.05M-parameter teacher (SlimFlow's compact student: 0.27M)
     "small": {"image_size": 32, "channels": (32, 64, 64), "compact_channels": (16, 32, 32), "eval_images": 1000,
               "teacher_steps": 3000, "teacher_sampler_steps": 25, "steps": 300, "batch_size": 64,
-              "teacher_pairs": 2048, "train_size": None},
+              "teacher_pairs": 1024, "train_size": None},
 }
 
 

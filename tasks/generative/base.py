@@ -512,8 +512,10 @@ class GenerativeTask(TeacherPool, Task):
         info = self._teachers["flow_unet"][1]
         m = info.get("eval_metrics") or {}
         primary = next(x for x in self.quality_metrics() if x.primary).name
-        if primary not in m:
-            return None
+        if primary not in m or info.get("eval_spec") != self._eval_spec():
+            # measured under another evaluation spec when the teacher was cached: the teacher row has its own
+            return (f"teacher: {info.get('n_params', 0) / 1e6:.2f}M-parameter flow-matching UNet trained by the task "
+                    f"for {info.get('steps')} steps ({info.get('train_wall_s')} s); its quality is the teacher row's")
         return (f"teacher: {info.get('n_params', 0) / 1e6:.2f}M-parameter flow-matching UNet trained by the task "
                 f"for {info.get('steps')} steps ({info.get('train_wall_s')} s); {primary} {m[primary]:.4g} at its "
                 f"reference sampler ({int(m.get('steps', 0))} Euler steps, guidance {self.params.guidance:g}, "
