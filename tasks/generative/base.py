@@ -33,7 +33,6 @@ at every requested count as ``<metric>@<steps>`` (NaN where the row's sampler do
 from __future__ import annotations
 
 import json
-import time
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -521,8 +520,3 @@ class GenerativeTask(TeacherPool, Task):
                 f"reference sampler ({int(m.get('steps', 0))} Euler steps, guidance {self.params.guidance:g}, "
                 f"{int(m.get('nfe', 0))} NFE)")
 
-
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
