@@ -24,7 +24,7 @@ Sources and what each gave:
   AdamW (0.9, 0.999) wd 0.01, clip 10, CFG 7.5 for SD1.5 (a community SD1.5 run used CFG 3).
 * **DMD2 code** (tianweiy/DMD2 @ 8d8fa55, which the port keeps): the fake-score loss, TTUR, backward
   simulation, the generator times ``range(999, 0, -1000 // steps)`` and nan_to_num normalisation — see
-  ``methods/diffusion/dmd2.py``; this module repeats that code on purpose (standalone methods).
+  ``methods/diffusion/dmd2.py``, whose functions this module imports (one copy).
 * **Chosen here**: CFG a = the task's ``guidance`` (the harness's teacher scale; the port's 7.5 is SD1.5's);
   4 steps (the port's recipe; Z-Image-Turbo's 8 steps is not in the task's default ``nfe`` [1, 4]); each term
   as a DMD2 loss 0.5 * mean((x - sg(x - g))^2) (the port uses mean((x - sg(x + u))^2) with u = -g, twice the
@@ -55,7 +55,7 @@ from pydantic import Field, model_validator
 
 from bench.api import Method, Params
 from bench.methods.diffusion.dmd2 import (NUM_TRAIN_TIMESTEPS, backward_simulation, configure_generator, dm_loss,
-                                          fake_score_loss, generator_steps)
+                                          fake_score_loss, fixed_steps_error, generator_steps)
 
 if TYPE_CHECKING:
     import torch
@@ -136,10 +136,9 @@ class DecoupledDMD(Method):
 
     @classmethod
     def check_task(cls, params: Params, task: str, task_params: Params) -> str | None:
-        nfe = getattr(task_params, "nfe", None)
-        if nfe is not None and params.steps not in nfe:
-            return (f"decoupled_dmd samples at exactly its trained `steps`={params.steps}; add it to {task}.nfe "
-                    f"(now {list(nfe)}) or set decoupled_dmd.steps to one of them")
+        error = fixed_steps_error("decoupled_dmd", params.steps, task, task_params)
+        if error:
+            return error
         if min(generator_steps(params.steps)) <= int(params.ca_min_step_percent * NUM_TRAIN_TIMESTEPS):
             return (f"decoupled_dmd: ca_min_step_percent={params.ca_min_step_percent} leaves no CA re-noising step "
                     f"below the generator's last step {min(generator_steps(params.steps))}")

@@ -178,6 +178,15 @@ def fake_score_loss(score: nn.Module, x: torch.Tensor, cond: Any) -> torch.Tenso
     return (pred.float() - score.target(x, eps, t).float()).pow(2).mean()
 
 
+def fixed_steps_error(method: str, steps: int, task: str, task_params: Any) -> str | None:
+    """The resolve-time error of a generator trained at exactly ``steps`` when the task does not evaluate it."""
+    nfe = getattr(task_params, "nfe", None)
+    if nfe is not None and steps not in nfe:
+        return (f"{method} samples at exactly its trained `steps`={steps}; add it to {task}.nfe (now "
+                f"{list(nfe)}) or set {method}.steps to one of them")
+    return None
+
+
 def _cat(a: Any, b: Any) -> Any:
     import torch
 
@@ -238,11 +247,7 @@ class DMD2(Method):
 
     @classmethod
     def check_task(cls, params: Params, task: str, task_params: Params) -> str | None:
-        nfe = getattr(task_params, "nfe", None)
-        if nfe is not None and params.steps not in nfe:
-            return (f"dmd2 samples at exactly its trained `steps`={params.steps}; add it to {task}.nfe (now "
-                    f"{list(nfe)}) or set dmd2.steps to one of them")
-        return None
+        return fixed_steps_error("dmd2", params.steps, task, task_params)
 
     # --- models ----------------------------------------------------------------------------------------
     def init_student(self, teacher: nn.Module, student: nn.Module, ctx: StepContext) -> nn.Module:

@@ -187,11 +187,9 @@ class SiD(Method):
 
     @classmethod
     def check_task(cls, params: Params, task: str, task_params: Params) -> str | None:
-        nfe = getattr(task_params, "nfe", None)
-        if nfe is not None and params.steps not in nfe:
-            return (f"sid samples at exactly its trained `steps`={params.steps}; add it to {task}.nfe (now "
-                    f"{list(nfe)}) or set sid.steps to one of them")
-        return None
+        from bench.methods.diffusion.dmd2 import fixed_steps_error
+
+        return fixed_steps_error("sid", params.steps, task, task_params)
 
     # --- models ----------------------------------------------------------------------------------------
     def init_student(self, teacher: nn.Module, student: nn.Module, ctx: StepContext) -> nn.Module:
