@@ -193,7 +193,7 @@ def run(
 
 def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool, quiet: bool,
              print_tables: bool = True) -> int:
-    from bench import leaderboard, progress
+    from bench import leaderboard, progress, table as tables
     from bench.runner import RunOptions, execute
 
     out = Path(resolved.suite.out)
@@ -216,8 +216,8 @@ def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool,
     records = [read_record(o.path) for o in summary.outcomes]
     order = list(resolved.method_params)
     for table in leaderboard.build_tables(records, order) if print_tables else []:
-        md, csv_path = leaderboard.write(table, out)
-        sys.stdout.write(leaderboard.to_markdown(table) + "\n")
+        md, csv_path = tables.write(table, out)
+        sys.stdout.write(tables.to_markdown(table) + "\n")
         sys.stdout.flush()
         console.print(f"wrote {md} and {csv_path}")
     reused = sum(o.reused for o in summary.outcomes)

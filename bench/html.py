@@ -15,7 +15,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bench.leaderboard import Table
+    from bench.table import Table
 
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5rem;
@@ -99,7 +99,7 @@ def _num(x: float | None) -> str:
 
 
 def _table_html(t: Table, plots: dict[str, dict[str, bytes]]) -> str:
-    from bench.leaderboard import PLOT_TITLES, cell_text, fmt_value, shows_interval
+    from bench.table import PLOT_TITLES, cell_text, fmt_value, shows_interval
 
     heads = ['<th data-type="text" aria-sort="none"><button type="button">method</button></th>']
     for c in t.columns:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 
 if TYPE_CHECKING:
-    from bench.leaderboard import Table
+    from bench.table import Table
 
 matplotlib.use("Agg", force=False)
 

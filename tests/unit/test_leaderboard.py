@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from bench import BenchError
 from bench.cli import app
-from bench.leaderboard import build_leaderboards, build_tables, cell_text, to_markdown, write
+from bench.leaderboard import build_leaderboards, build_tables
+from bench.table import cell_text, to_markdown, write
 from bench.stats import bootstrap_ci, bootstrap_cis
 
 sys.path.insert(0, str(Path(__file__).parent))
