@@ -63,6 +63,8 @@ class Outputs:
     attentions: tuple[torch.Tensor, ...] | None = None
     features: torch.Tensor | None = None
     loss: torch.Tensor | None = None
+    #: Further named outputs a domain has (segmentation: the decoder's predicted IoUs and output tokens).
+    extras: dict[str, torch.Tensor] | None = None
 
 
 class Split(Protocol):
@@ -104,6 +106,16 @@ class TrainConfig:
     batch_size: int
     eval_batch_size: int
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A part of a model whose cost is reported on its own, per its own unit (segmentation: the image
+    encoder per image; the prompt encoder and mask decoder per prompt). See ``Task.components``."""
+
+    name: str
+    per: str  # the unit one forward of the component serves: "image", "prompt"
+    module: str  # attribute path of the submodule(s) whose parameters count, comma-separated
 
 
 @dataclass(frozen=True)
@@ -306,6 +318,19 @@ class Task:
     def teacher_pairs(self, teacher: nn.Module, n: int | None = None, trajectory: bool = False) -> Any:
         """Generative tasks: the store of ``teacher``'s noise -> image pairs (`bench.pairs.PairStore`)."""
         raise NotImplementedError(f"task {self.name} keeps no teacher pairs")
+
+    def components(self) -> list[Component]:
+        """Parts of the model costed separately (parameters, FLOPs, latency per ``Component.per``), beside
+        the whole model's cost per sample; empty for tasks whose models are one piece."""
+        return []
+
+    def component_inputs(self, name: str, batch_size: int) -> Batch:
+        """Inputs of component ``name`` for ``batch_size`` units (images, prompts) at the declared shape."""
+        raise NotImplementedError(f"task {self.name} has no component {name!r}")
+
+    def component_forward(self, model: nn.Module, name: str, batch: Batch) -> Any:
+        """Run component ``name`` of ``model`` on ``component_inputs`` (what the cost probes time)."""
+        raise NotImplementedError(f"task {self.name} has no component {name!r}")
 
     def inference_steps(self) -> int:
         """Forward passes per sample at inference (sampler steps of an iterative student); FLOPs x this."""

@@ -51,6 +51,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import BenchError
+from bench.efficiency_cells import (
+    COMPONENT_PREFIX,
+    EFFICIENCY,
+    GENERATION_EFFICIENCY,
+    component_column_specs,
+    efficiency_columns,
+    first_batch,
+)
 from bench.table import Column, Row, Table, Value, to_csv, to_dict, to_markdown
 
 ROLE_ORDER = {"teacher": 0, "student": 1}
@@ -69,74 +77,6 @@ CONFIDENCE = 0.95
 # --------------------------------------------------------------------------------------------------
 # Records -> compact cells
 # --------------------------------------------------------------------------------------------------
-
-
-def _first_batch(block: dict | None) -> tuple[str | None, dict | None]:
-    """The smallest batch size's entry of ``efficiency.latency``/``memory`` (keys ``batch_<n>``)."""
-    if not block:
-        return None, None
-    keys = [k for k in block if k.startswith("batch_") and k[6:].isdigit()]
-    if not keys:
-        return None, None
-    key = min(keys, key=lambda k: int(k[6:]))
-    return key, block.get(key)
-
-
-def efficiency_columns(rec: dict[str, Any]) -> dict[str, float | None]:
-    """The four efficiency numbers of one record, in display units (None where not measured)."""
-    eff = rec.get("efficiency") or {}
-    _, lat = _first_batch(eff.get("latency"))
-    _, mem = _first_batch(eff.get("memory"))
-    params, flops = eff.get("params"), eff.get("flops_per_sample")
-    peak = (mem or {}).get("peak_bytes")
-    out = {
-        "params_M": params / 1e6 if params is not None else None,
-        "gflops": flops / 1e9 if flops is not None else None,
-        "latency_ms": (lat or {}).get("median_ms"),
-        "peak_mem_MB": peak / 2**20 if peak is not None else None,
-    }
-    if "flops_per_token" in eff or "generation" in eff:  # generative students (lm domain)
-        gen = eff.get("generation") or {}
-        fpt = eff.get("flops_per_token")
-        out.update(mflops_per_token=fpt / 1e6 if fpt is not None else None, tokens_per_s=gen.get("tokens_per_s"),
-                   ttft_ms=gen.get("ttft_ms"))
-    return out
-
-
-EFFICIENCY = (
-    ("params_M", "params (M)", "parameters of the evaluated model, in millions", False),
-    (
-        "gflops",
-        "GFLOPs",
-        (
-            "GFLOPs per sample at the task's declared input shape (2 FLOPs per multiply-accumulate, "
-            "attention included)"
-        ),
-        False,
-    ),
-    (
-        "latency_ms",
-        "latency (ms)",
-        ("median latency of one call at batch 1, in ms, under the profile's threads and timing protocol"),
-        False,
-    ),
-    (
-        "peak_mem_MB",
-        "peak mem (MiB)",
-        "peak inference memory at batch 1 in MiB, measured in an isolated process",
-        False,
-    ),
-)
-
-
-#: Efficiency columns of generative students, shown only in tables whose records have them.
-GENERATION_EFFICIENCY = (
-    ("mflops_per_token", "MFLOPs/token", "MFLOPs per token at the declared input shape (FLOPs per sample / tokens)",
-     False),
-    ("tokens_per_s", "tokens/s", "generated tokens per second at batch 1 (greedy, prefill included; "
-     "bench.measure.generation)", True),
-    ("ttft_ms", "TTFT (ms)", "time to first token at batch 1, in ms (prompt forward + one decoding step)", False),
-)
 
 
 @dataclass
@@ -226,7 +166,7 @@ def _compact(rec: dict[str, Any]) -> _Rec:
         input=eff.get("input"),
         profile_info={k: prof.get(k) for k in ("id", "kind", "description", "device", "dtype", "threads")},
         hardware=hardware,
-        latency_noisy=bool((_first_batch(eff.get("latency"))[1] or {}).get("noisy")),
+        latency_noisy=bool((first_batch(eff.get("latency"))[1] or {}).get("noisy")),
         cell_id=rec.get("cell_id") or json.dumps(c, sort_keys=True),
         created=str(rec.get("created") or ""),
         metric_cols=_metric_columns(rec) if status == "ok" else {},
@@ -316,6 +256,8 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
     columns += [Column(k, label, "efficiency", unit, False) for k, label, unit, _ in EFFICIENCY]
     columns += [Column(k, label, "efficiency", unit, hib) for k, label, unit, hib in GENERATION_EFFICIENCY
                 if any(k in r.eff for r in recs)]
+    columns += [Column(k, label, "efficiency", unit, False)
+                for k, label, unit in component_column_specs(k for r in recs for k in r.eff)]
 
     def sort_key(item: tuple[str, bool]) -> tuple:
         method, verified = item
@@ -490,7 +432,8 @@ def _footnotes(
             out.append(f"{marks[s]} {s}: {' '.join(notes[s])}")
     shape = f" (declared input: {', '.join(sorted(inputs))})" if inputs else ""
     metric_cols = [c for c in table.columns if c.kind == "metric"]
-    gen_cols = [c for c in table.columns if c.kind == "efficiency" and c.key in {k for k, *_ in GENERATION_EFFICIENCY}]
+    gen_cols = [c for c in table.columns if c.kind == "efficiency" and (
+        c.key in {k for k, *_ in GENERATION_EFFICIENCY} or c.key.startswith(COMPONENT_PREFIX))]
     out.append(
         f"Columns and units: subtask columns and the aggregate are the subtask's score {_scale_text(table.aggregate.scale)}"
         f"{'' if table.aggregate.higher_is_better else ' (lower is better)'}. "

@@ -15,6 +15,9 @@ no column is ever dropped.
 * Peak memory: an isolated child per measurement, for inference at every latency/throughput batch
   size and for one training step (forward, backward, AdamW step) at the task's training batch size.
 * Utilisation: achieved FLOP/s at the throughput batch over the profile's declared peak for its dtype.
+* Components (``Task.components``, segmentation: the image encoder per image, the prompt encoder and mask
+  decoder per prompt): parameters, FLOPs and batch-1 latency of each part through the task's
+  ``component_forward``, per the component's own unit, under ``components`` beside the whole-model numbers.
 * Generative tasks (``Task.generation_inputs`` is not None, the lm domain): FLOPs per token, and time to
   first token and tokens/s at batch 1 through the task's ``generate`` adapter (`bench.measure.generation`),
   under the same threads and timing protocol.
@@ -46,6 +49,57 @@ class TrainLoss:
 
     def __call__(self, model: nn.Module, batch: Batch):
         return self.task.label_loss(self.task.forward(model, batch), batch)
+
+
+class ComponentForward:
+    """``(model, batch) -> task.component_forward(model, name, batch)``, picklable like `TrainLoss`."""
+
+    def __init__(self, task: Task, name: str) -> None:
+        self.task, self.name = task, name
+
+    def __call__(self, model: nn.Module, batch: Batch):
+        return self.task.component_forward(model, self.name, batch)
+
+
+def _submodule_params(model: nn.Module, paths: str) -> int:
+    total = 0
+    for path in (p.strip() for p in paths.split(",") if p.strip()):
+        total += sum(p.numel() for p in model.get_submodule(path).parameters())
+    return total
+
+
+def component_costs(model: nn.Module, task: Task, device: str, *, threads: int | None = None,
+                    timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parameters, FLOPs per unit and (with ``timing``) batch-1 latency of each of the task's components.
+
+    A probe that fails leaves its value ``None`` with the reason under the component's ``errors``."""
+    from bench.measure.flops import model_flops_per_sample
+    from bench.measure.latency import measure_model_latency
+
+    out: dict[str, Any] = {}
+    for comp in task.components():
+        row: dict[str, Any] = {"per": comp.per, "module": comp.module, "params": None, "flops": None,
+                               "macs": None, "latency": None, "errors": {}}
+        fwd = ComponentForward(task, comp.name)
+        try:
+            row["params"] = _submodule_params(model, comp.module)
+        except Exception as exc:  # noqa: BLE001 - a failed probe is recorded, never fatal
+            row["errors"]["params"] = _err(exc)
+        try:
+            fc = model_flops_per_sample(model, fwd, _on(task.component_inputs(comp.name, 1), device), batch_size=1)
+            row.update(flops=fc.flops, macs=fc.macs, flops_uncounted=list(fc.uncounted))
+        except Exception as exc:  # noqa: BLE001
+            row["errors"]["flops"] = _err(exc)
+        if timing is not None:
+            try:
+                lat = measure_model_latency(model, fwd, _on(task.component_inputs(comp.name, 1), device),
+                                            threads=threads or 1, batch_size=1, device=device, **timing)
+                lat.pop("times_ms", None)  # the summary is enough here; the whole model keeps its samples
+                row["latency"] = lat
+            except Exception as exc:  # noqa: BLE001
+                row["errors"]["latency"] = _err(exc)
+        out[comp.name] = row
+    return out
 
 
 def _on(batch: Batch, device: str) -> Batch:
@@ -111,13 +165,16 @@ def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure
 
         out["flops_per_token"] = flops_per_token(out["flops_per_sample"], task.example_inputs(1))
         out["generation"] = None
+    timing = SMOKE_TIMING if task.env.tier == "smoke" else dict(profile.get("timing") or {})
+    threads = profile.get("threads", 1)
+    if task.components():
+        out["components"] = component_costs(model, task, device, threads=threads,
+                                            timing=timing if measure_runtime else None)
     if not measure_runtime:
         out["errors"]["latency"] = out["errors"]["memory"] = "not measured (runtime.measure=false)"
         return out
 
-    timing = SMOKE_TIMING if task.env.tier == "smoke" else dict(profile.get("timing") or {})
     out["timing_protocol"] = timing
-    threads = profile.get("threads", 1)
     # The measuring server imports these once; children forked from it then load the model without
     # paying for imports (the model's own module, e.g. transformers' modeling_bert, takes seconds).
     preload = ("torch", type(model).__module__, type(task).__module__)

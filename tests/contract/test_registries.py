@@ -54,7 +54,7 @@ def test_task_class_contract(name, tmp_path):
 def smoke_matrix(tmp_path_factory, cache_dir):
     """Every registered method on every subtask of every task, smoke tier, a short budget."""
     out = tmp_path_factory.mktemp("contract-runs")
-    task_params = {t: ({"teacher_steps": 40} if t in ("glue", "lm") else {}) for t in TASKS}
+    task_params = {t: ({"teacher_steps": 40} if t in ("glue", "lm", "sam") else {}) for t in TASKS}
     suite = Suite(tasks=TASKS, methods=METHODS, seeds=[0], tier="smoke", out=str(out),
                   train={"steps": 4}, runtime={"measure": False}, task_params=task_params)
     resolved = resolve(suite)

@@ -1,0 +1,1 @@
+"""Distillation methods of the segmentation (promptable SAM) domain: each module is one method, faithful to its paper, on the ``sam`` task's `PromptableSAM` interface (DESIGN.md "the other domains")."""
