@@ -138,9 +138,11 @@ class SlimSAM(Method):
         embed_groups: Literal["heads", "none"] = Field("heads", description="embedding kept in num_heads "
                                                                             "chunks with the same positions")
         # --global_way True; "local" = the released "uniform" models (prune_sam_step2_local).
-        step2_ranking: Literal["global", "local"] = "global"
+        step2_ranking: Literal["global", "local"] = Field("global", description="step 2: rank heads' dims and "
+                                                                               "MLP units across blocks (global)")
         # --norm_type gaussian (step 2; step 1's "mean" changes no local ranking).
-        step2_normaliser: Literal["gaussian", "mean", "none"] = "gaussian"
+        step2_normaliser: Literal["gaussian", "mean", "none"] = Field("gaussian", description="step 2: "
+                                                                      "importance normaliser before ranking")
         reset_rel_pos: bool = Field(False, description="re-zero the rel-pos tables after pruning, as the code")
 
     def __init__(self, params: Params) -> None:
