@@ -72,6 +72,7 @@ from pydantic import Field
 
 from bench import BenchError
 from bench.api import Generation, Method, Params, TeacherCandidate
+from bench.methods.segmentation.mobilesam import embedding_mse
 
 if TYPE_CHECKING:
     import torch
@@ -97,12 +98,6 @@ def virtual_epoch(step: int, steps: int, epochs: int) -> int:
 def step2_alpha(epoch: int, alpha_epochs: int) -> float:
     """prune_distill_step2.py: ``a_weight = (11 - epoch - 1) / 11`` for epoch < 11, else 0."""
     return (alpha_epochs - epoch - 1) / alpha_epochs if epoch < alpha_epochs else 0.0
-
-
-def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    import torch.nn.functional as F
-
-    return F.mse_loss(a.float(), b.detach().float())
 
 
 class SlimSAM(Method):
@@ -288,7 +283,7 @@ class SlimSAM(Method):
         student = ctx.student
         if self.single:
             s_emb = student.embed(x)
-            loss = _mse(s_emb, ctx.run_teacher(lambda t: t.embed(x), n_examples=b))
+            loss = embedding_mse(s_emb, ctx.run_teacher(lambda t: t.embed(x), n_examples=b))
             self._last = {"emb_mse": float(loss.detach())}
             return {"student": loss}
         if ctx.generation == 0:  # step 1: bottleneck aligning
@@ -304,7 +299,7 @@ class SlimSAM(Method):
                 return emb, ft
 
             t_emb, ft = ctx.run_teacher(run, n_examples=b)
-            emb_loss = _mse(s_emb, t_emb)
+            emb_loss = embedding_mse(s_emb, t_emb)
             self._last = {"emb_mse": float(emb_loss.detach()), "epoch": float(epoch)}
             if not kinds:
                 return {"student": emb_loss}
@@ -321,7 +316,7 @@ class SlimSAM(Method):
         kinds = {"block"} if alpha > 0 else set()
         with vp.features(student.image_encoder, kinds) as fs:
             s_emb = student.embed(x)
-        emb_loss = _mse(s_emb, ctx.run_teacher(lambda t: t.embed(x), n_examples=b))
+        emb_loss = embedding_mse(s_emb, ctx.run_teacher(lambda t: t.embed(x), n_examples=b))
         loss = (1 - alpha) * emb_loss
         self._last = {"emb_mse": float(emb_loss.detach()), "alpha": alpha, "epoch": float(epoch)}
         if alpha > 0:
@@ -332,7 +327,7 @@ class SlimSAM(Method):
                 p_emb = prev.embed(x)
             self.previous_passes += 1
             block = vp.cat_mse(fs["block"], fp["block"])
-            prev_emb = _mse(s_emb, p_emb)
+            prev_emb = embedding_mse(s_emb, p_emb)
             loss = loss + alpha * (block + prev_emb)
             self._last.update(block_mse=float(block.detach()), step1_emb_mse=float(prev_emb.detach()))
         return {"student": loss}
