@@ -175,10 +175,11 @@ def error_point(gt: torch.Tensor, pred: torch.Tensor, gen: torch.Generator, rule
         from bench.tasks.sam.prompts import next_point
 
         g, q = gt.cpu().numpy(), pred.cpu().numpy()
-        clicks = [next_point(g[i], q[i]) for i in range(len(g))]
+        # Padded prompt slots have an empty GT, where SAM's click is undefined (next_point refuses it): no point.
+        clicks = [next_point(g[i], q[i]) if g[i].any() else ((0.0, 0.0), 0) for i in range(len(g))]
         xy = torch.tensor([c[0] for c in clicks], dtype=torch.float32, device=gt.device).view(-1, 2)
         label = torch.tensor([c[1] for c in clicks], dtype=torch.long, device=gt.device)
-        return xy, label, (fn | fp).flatten(1).any(dim=1)
+        return xy, label, (fn | fp).flatten(1).any(dim=1) & gt.flatten(1).any(dim=1)
     xy, ok = sample_in(fn if rule == "gt_minus_pred" else fn | fp, gen)
     x, y = xy[:, 0].long(), xy[:, 1].long()
     label = fn[torch.arange(len(fn), device=fn.device), y, x].long()

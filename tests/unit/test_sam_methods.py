@@ -262,6 +262,10 @@ def test_next_point_lies_in_gt_minus_prediction_or_the_error_region():
     # its border, first in row-major order, is (x, y) = (3, 3) (distance 2; (3,3), (3,4), (4,3), (4,4) tie).
     xy, label, ok = error_point(gt[:1], torch.zeros_like(gt[:1]), g, rule="center")
     assert xy[0].tolist() == [3.0, 3.0] and label.tolist() == [1] and ok.tolist() == [True]
+    # A padded prompt slot (empty GT) gets no click instead of an error.
+    empty = torch.zeros_like(gt[:1])
+    xy, label, ok = error_point(torch.cat([gt[:1], empty]), torch.zeros_like(gt[:2]), g, rule="center")
+    assert ok.tolist() == [True, False] and xy[0].tolist() == [3.0, 3.0]
 
 
 def _fake_decode(gt, ious, exact):
