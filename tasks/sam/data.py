@@ -264,6 +264,8 @@ def load_nuclei() -> Scene:
 # --------------------------------------------------------------------------------------------------
 
 SHAPE_KINDS = ("ellipse", "rectangle", "polygon")  # category ids 1, 2, 3
+OBJECT_KINDS = ("ellipse", "rectangle", "polygon", "blob")  # object-like scenes (``textures``)
+ALL_KINDS = ("ellipse", "rectangle", "polygon", "blob")  # category id = index + 1
 
 
 def _smooth_background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -299,14 +301,95 @@ def _shape_mask(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     return np.asarray(canvas, bool)
 
 
+def _part_mask(rng: np.random.Generator, kind: str, size: int, cx: float, cy: float, a: float, b: float) -> np.ndarray:
+    """One part of an object-like shape: an ellipse, rectangle, polygon or smooth blob centred at (cx, cy) with
+    half-extents about (a, b), rotated at random."""
+    from PIL import Image, ImageDraw
+
+    theta = rng.uniform(0, np.pi)
+    if kind == "ellipse":
+        yy, xx = np.mgrid[0:size, 0:size] + 0.5
+        u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
+        v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
+        return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    if kind == "rectangle":
+        corners = np.array([[-a, -b], [a, -b], [a, b], [-a, b]])
+    elif kind == "polygon":
+        k = int(rng.integers(3, 8))
+        ang = np.sort(rng.uniform(0, 2 * np.pi, k))
+        rad = rng.uniform(0.5, 1.0, k)
+        corners = np.stack([rad * a * np.cos(ang), rad * b * np.sin(ang)], axis=1)
+    else:  # blob: r(t) = 1 + sum_k c_k cos(k t + p_k), k = 2..5, a smooth star-shaped outline
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        r = 1.0 + sum(rng.uniform(0, 0.25 / (k - 1)) * np.cos(k * t + rng.uniform(0, 2 * np.pi)) for k in range(2, 6))
+        corners = np.stack([r * a * np.cos(t), r * b * np.sin(t)], axis=1)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    pts = corners @ rot.T + [cx, cy]
+    canvas = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(p) for p in pts], fill=1)
+    return np.asarray(canvas, bool)
+
+
+def _fill(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, textures: np.ndarray) -> None:
+    """Paint ``mask`` in ``image``: three times in four with a random photograph of ``textures`` (flipped at
+    random, resized to the mask's bounding box), else a flat bright colour with per-pixel noise."""
+    from PIL import Image
+
+    if rng.uniform() < 0.25:
+        colour = rng.uniform(0, 255, 3)
+        colour[int(rng.integers(3))] = rng.uniform(100, 255)
+        texture = colour + rng.normal(0, rng.uniform(0, 12), (*mask.shape, 3))
+        image[mask] = np.clip(np.round(texture[mask]), 0, 255).astype(np.uint8)
+        return
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    tex = textures[int(rng.integers(len(textures)))]
+    if rng.uniform() < 0.5:
+        tex = tex[:, ::-1]
+    patch = np.asarray(Image.fromarray(np.ascontiguousarray(tex)).resize((int(x1 - x0), int(y1 - y0)), Image.BICUBIC))
+    region = image[y0:y1, x0:x1]
+    sub = mask[y0:y1, x0:x1]
+    region[sub] = patch[sub]
+
+
+def _object_mask(rng: np.random.Generator, kind: str, size: int, image: np.ndarray, textures: np.ndarray) -> np.ndarray:
+    """Draw one object-like instance into ``image`` and return its mask: a main part of ``kind`` (half-extents
+    1/24 to 1/3 of the side) and, half the time, 1-2 more parts of random kinds centred on the main part's
+    outline (0.4-0.8 of its size), each part filled on its own (`_fill`)."""
+    cx, cy = rng.uniform(0.05, 0.95, 2) * size
+    a, b = rng.uniform(size / 24, size / 3, 2)
+    main = _part_mask(rng, kind, size, cx, cy, a, b)
+    parts = [main]
+    if main.any() and rng.uniform() < 0.5:
+        for _ in range(int(rng.integers(1, 3))):
+            ys, xs = np.nonzero(main)
+            j = int(rng.integers(len(ys)))
+            s = rng.uniform(0.4, 0.8)
+            sub_kind = OBJECT_KINDS[int(rng.integers(len(OBJECT_KINDS)))]
+            parts.append(_part_mask(rng, sub_kind, size, xs[j] + 0.5, ys[j] + 0.5, a * s, b * s))
+    union = np.zeros((size, size), bool)
+    for part in parts:
+        if part.any():
+            _fill(rng, image, part, textures)
+            union |= part
+    return union
+
+
 def shapes_scene(rng: np.random.Generator, size: int, n_shapes: int, background: np.ndarray | None = None,
-                 image_id: int = 0) -> Scene:
+                 image_id: int = 0, textures: np.ndarray | None = None) -> Scene:
     """A generated ``size x size`` scene of ``n_shapes`` shapes drawn in order, later ones on top.
 
     Masks are the pixels each shape still owns after occlusion, so they are disjoint and every drawn pixel
     belongs to exactly one mask; a shape left with fewer than ``MIN_SHAPE_PIXELS`` pixels is dropped and
     its pixels get the background back (as if it had not been drawn). ``background`` (any (H, W, 3) uint8)
-    is resized to ``size`` when its size differs. Everything follows from ``rng``."""
+    is resized to ``size`` when its size differs. Everything follows from ``rng``.
+
+    With ``textures`` ((N, h, w, 3) uint8 photographs, e.g. CIFAR-10 train images) the scene is *object-like*
+    (`_object_mask`, `_fill`): shapes also include smooth random blobs, span 1/12 to 2/3 of the side, are
+    often composites of 2-3 overlapping parts (the instance is their union), and each part is filled with a
+    photograph's texture (or, one time in four, the flat colour + noise above), so that an instance is
+    neither one colour nor one texture — what a box around a real object holds. Without ``textures`` the
+    scene is exactly the plain one (same draws from ``rng``)."""
     from PIL import Image
 
     if size < 8 or n_shapes < 0:
@@ -323,6 +406,13 @@ def shapes_scene(rng: np.random.Generator, size: int, n_shapes: int, background:
     owner = np.full((size, size), -1, np.int64)
     kinds = []
     for k in range(n_shapes):
+        if textures is not None:
+            kind = OBJECT_KINDS[int(rng.integers(len(OBJECT_KINDS)))]
+            mask = _object_mask(rng, kind, size, image, textures)
+            if mask.any():
+                owner[mask] = k
+            kinds.append(kind)
+            continue
         kind = SHAPE_KINDS[int(rng.integers(len(SHAPE_KINDS)))]
         mask = _shape_mask(rng, kind, size)
         # A bright-enough base colour (max channel >= 100) with per-pixel noise as texture.
@@ -338,7 +428,7 @@ def shapes_scene(rng: np.random.Generator, size: int, n_shapes: int, background:
         if np.count_nonzero(mask) < MIN_SHAPE_PIXELS:
             image[mask] = bg[mask]
             continue
-        instances.append(Instance(mask, mask_box(mask), SHAPE_KINDS.index(kind) + 1, k + 1, False))
+        instances.append(Instance(mask, mask_box(mask), ALL_KINDS.index(kind) + 1, k + 1, False))
     return Scene(image, instances, image_id, f"shapes-{image_id}", "generated")
 
 

@@ -31,7 +31,7 @@ TIERS: dict[str, dict[str, Any]] = {
     "smoke": {"img_size": 64, "embed_dim": 64, "prompts": 4, "batch_size": 4, "steps": 30, "teacher_steps": 400,
               "train_size": 256, "eval_images": 24, "shapes": (2, 5), "teacher_points": False},
     # CPU minutes per cell (~0.6 s per student step, ~1.1 s per teacher step at 1 thread)
-    "small": {"img_size": 256, "embed_dim": 128, "prompts": 8, "batch_size": 4, "steps": 300, "teacher_steps": 1000,
+    "small": {"img_size": 256, "embed_dim": 128, "prompts": 8, "batch_size": 4, "steps": 300, "teacher_steps": 2000,
               "train_size": 4000, "eval_images": None, "shapes": (3, 8), "teacher_points": True},
 }
 

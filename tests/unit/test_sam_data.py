@@ -218,6 +218,36 @@ def test_shapes_scene_is_deterministic_and_exact():
             assert inst.box == (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
 
 
+def test_object_like_scenes_are_exact_composites_of_textured_parts():
+    # textures: six photographs of one distinct bright colour each (a resized constant image stays exactly that
+    # colour), on a black background. Masks must be disjoint and cover exactly the drawn pixels; textured parts
+    # must show the photographs' colours; and objects made of parts must exist: one instance mask holding two
+    # photographs' colours (two parts filled separately, one instance).
+    colours = np.array([[200, 100, 100], [100, 200, 100], [100, 100, 200], [250, 250, 120], [120, 250, 250],
+                        [250, 120, 250]], np.uint8)
+    textures = np.broadcast_to(colours[:, None, None, :], (6, 8, 8, 3)).copy()
+    composite = textured = flat = 0
+    for seed in range(12):
+        a, b = (data.shapes_scene(np.random.default_rng(seed), 64, 6, background=np.zeros((64, 64, 3), np.uint8),
+                                  textures=textures) for _ in range(2))
+        np.testing.assert_array_equal(a.image, b.image)
+        stack = np.stack([i.mask for i in a.instances])
+        assert stack.sum(0).max() <= 1
+        np.testing.assert_array_equal(stack.any(0), a.image.any(2))
+        for inst in a.instances:
+            assert inst.mask.sum() >= 16 and inst.category_id in (1, 2, 3, 4)
+            rows, cols = np.nonzero(inst.mask.any(1))[0], np.nonzero(inst.mask.any(0))[0]
+            assert inst.box == (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+            px = a.image[inst.mask]
+            hits = [(px == c).all(1).sum() for c in colours]
+            textured += sum(hits)
+            composite += sum(h >= 8 for h in hits) >= 2
+            flat += int(sum(hits) < len(px))
+    assert textured > 5000 and composite >= 3 and flat >= 3
+    plain = data.shapes_scene(np.random.default_rng(3), 64, 8)
+    assert all(i.category_id in (1, 2, 3) for i in plain.instances)  # blobs (4) only in object-like scenes
+
+
 def test_shapes_scene_later_shapes_occlude_earlier_ones():
     # The first 5 shapes of a 6-shape scene are the 5-shape scene's (same draws in the same order); the 6th is
     # drawn on top: its mask is exactly where the two images differ, and it takes its pixels from the others.

@@ -104,6 +104,29 @@ def test_official_vit_b_checkpoint_loads_through_the_full_tier(vit_b_checkpoint,
     assert info["n_params"] == sum(v.numel() for k, v in state.items() if "gaussian_matrix" not in k)
 
 
+def test_full_tier_pool_offers_the_vit_b_base_checkpoint_to_slimsam(vit_b_checkpoint, coco_root, tmp_path,
+                                                                    monkeypatch):
+    """With a ViT-H teacher and SlimSAM's ViT-B ``base_checkpoint``, the pool holds both official models and SlimSAM
+    (which prunes and distils from SAM-B) picks the ViT-B one, loaded from the base checkpoint."""
+    from bench.methods.segmentation.slimsam import SlimSAM
+    from bench.tasks.sam import full
+
+    path, state = vit_b_checkpoint
+    real = full.probe_sam_checkpoint
+    # No ViT-H file here: skip the probe of the teacher's file only (its loading is tested above with ViT-B).
+    monkeypatch.setattr(full, "probe_sam_checkpoint",
+                        lambda p, cfg, field: None if field == "sam.teacher_checkpoint" else real(p, cfg, field))
+    task = _full(coco_root, tmp_path, teacher_checkpoint=str(path), teacher_arch="vit_h", student_arch="vit_b",
+                 base_checkpoint=str(path))
+    pool = task.teacher_pool()
+    assert [c.name for c in pool] == ["sam_vit_h", "sam_vit_b"]
+    assert pool[0].n_params > 600e6 and 90e6 < pool[1].n_params < 95e6
+    assert SlimSAM(SlimSAM.Params()).select_teacher(pool, task.student_params()) == "sam_vit_b"
+    base = task.teacher("sam_vit_b").state_dict()
+    assert all(torch.equal(base[k], state[k]) for k in state)
+    assert task.teacher_info("sam_vit_b")["arch"] == "vit_b"
+
+
 def test_checkpoint_with_a_missing_key_is_refused_before_any_cell(vit_b_checkpoint, coco_root, tmp_path):
     path, state = vit_b_checkpoint
     bad = {k: v for k, v in state.items() if k != "mask_decoder.iou_token.weight"}
