@@ -212,6 +212,12 @@ class Task:
     #: How per-subtask scores combine into the family's summary score (stated under every table).
     aggregate_name: ClassVar[str] = "score"
     aggregate_rule: ClassVar[str] = "unweighted mean of the per-subtask scores"
+    #: True when a cell's training does not depend on its subtask: the subtasks are evaluation protocols of
+    #: one trained model (sam's box and point prompts, as the SAM papers evaluate one model both ways). The
+    #: harness then trains each (method, tier, seed, configuration) once, keeps the trained model under
+    #: ``<out>/trained/``, and evaluates it on every subtask; each record says which cell trained it
+    #: (``training.shared``). ``--force`` retrains.
+    shared_training: ClassVar[bool] = False
 
     def __init__(self, params: Params, env: TaskEnv) -> None:
         self.params = params

@@ -40,6 +40,9 @@ class RunOptions:
     profile: dict[str, Any]
     force: bool = False
     device: str = "cpu"
+    #: keys of the shared trainings (`Task.shared_training`) done in this run: ``--force`` retrains a
+    #: shared model once, and the run's other subtasks evaluate that fresh model.
+    trained_here: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -184,10 +187,17 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
             rec["teacher"] = task.teacher_info(teacher_name)
     else:
         teacher = None
+    shared = _shared_training(cell, task, config, rec, store) if method.role != "teacher" else None
+    reused = _load_trained(shared, opts) if shared is not None else None
     if method.role == "teacher":
         model = teacher
         rec["training"] = {"steps": 0, "samples": 0, "wall_s": 0.0, "teacher_forward_passes": 0,
                            "note": "the teacher row evaluates the cached teacher; its fine-tuning cost is in 'teacher'"}
+    elif reused is not None:
+        model = reused["model"].to(opts.device)
+        rec["training"] = {**reused["training"], "shared": {**reused["training"]["shared"], "reused": True}}
+        progress.log(f"{cell.id}: evaluating the model trained in {reused['trained_in']} "
+                     f"({cell.task}'s subtasks share one training)")
     else:
         student = task.student(cell.seed)
         ckpt = store.checkpoint_dir(cell) / "state.pt"
@@ -213,7 +223,13 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
             "updates": result.updates,
             "resumed_from_step": result.resumed_from_step, "loss_log": result.loss_log,
         }
-    rec["method_info"] = method.record_info()
+        if shared is not None:
+            rec["training"]["shared"] = {"trained_in": cell.id, "key": shared[1], "reused": False,
+                                         "note": f"one training serves every subtask of {cell.task}; each of its "
+                                                 f"records carries this one training's cost"}
+            _save_trained(shared[0], model, rec["training"], method.record_info(), cell.id)
+            opts.trained_here.add(shared[1])
+    rec["method_info"] = reused["method_info"] if reused is not None else method.record_info()
     rec["efficiency"] = efficiency(model, task, opts.profile, measure_runtime=measure)
     if method.role != "teacher":
         rec["training"]["estimated_flops"] = _training_flops(rec, teacher, task, opts)
@@ -225,6 +241,40 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
     rec["status"] = "ok"
     rec["wall_s"] = round(time.perf_counter() - t_start, 3)
     return rec
+
+
+def _shared_training(cell: Cell, task: Task, config: dict[str, Any], rec: dict[str, Any],
+                     store: Store) -> tuple[Path, str] | None:
+    """(path, key) of the trained model this cell shares with its task's other subtasks, or None when the task
+    trains per subtask. The key hashes everything that determines training: the configuration without the
+    subtask, and the training data's fingerprint."""
+    if not type(task).shared_training:
+        return None
+    basis = {k: v for k, v in config.items() if k != "subtask"}
+    basis["train_data"] = (rec.get("data") or {}).get("train")
+    key = config_hash(basis)
+    return store.trained_path(cell, key), key
+
+
+def _load_trained(shared: tuple[Path, str], opts: RunOptions) -> dict[str, Any] | None:
+    """The model another subtask's cell trained with the same configuration (None when there is none, when the
+    file is unreadable — `bench.train.load_checkpoint` moves it aside — or with ``--force`` unless this run
+    trained it)."""
+    from bench.train import load_checkpoint
+
+    if opts.force and shared[1] not in opts.trained_here:
+        return None
+    saved = load_checkpoint(shared[0])
+    if saved is None or saved.get("key") != shared[1]:
+        return None
+    return saved
+
+
+def _save_trained(path: Path, model: Any, training: dict[str, Any], method_info: dict[str, Any], cell_id: str) -> None:
+    from bench.train import _save_checkpoint
+
+    _save_checkpoint(path, {"model": model, "training": training, "method_info": method_info,
+                            "trained_in": cell_id, "key": training["shared"]["key"]})
 
 
 def _training_flops(rec: dict[str, Any], teacher: Any, task: Task, opts: RunOptions) -> dict[str, Any]:

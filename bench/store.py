@@ -117,6 +117,11 @@ class Store:
     def checkpoint_dir(self, cell: Cell) -> Path:
         return self.root / "checkpoints" / cell.id
 
+    def trained_path(self, cell: Cell, key: str) -> Path:
+        """Where the model trained for ``cell`` is kept when its task's subtasks share one training
+        (`bench.api.Task.shared_training`); ``key`` hashes the cell's configuration without its subtask."""
+        return self.root / "trained" / cell.task / f"{cell.method}__{cell.tier}__{cell.profile}__s{cell.seed}__{key}.pt"
+
     def load(self, cell: Cell) -> dict[str, Any] | None:
         path = self.record_path(cell)
         if not path.exists():

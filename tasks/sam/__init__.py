@@ -93,6 +93,9 @@ class Sam(TeacherPool, Task):
     subtasks = ("box", "point")
     aggregate_name = "mIoU"
     aggregate_rule = "unweighted mean of box-prompt mIoU (box) and single-point mIoU (point)"
+    # box and point are two evaluation protocols of one trained model (SAM and the distillation papers
+    # evaluate a model both ways): a (method, seed) trains once and both subtasks evaluate it.
+    shared_training = True
 
     class Params(Params):
         teacher_steps: int | None = Field(None, gt=0, description="steps of the task-trained teacher (smoke 400, small 2000)")
@@ -470,6 +473,10 @@ class Sam(TeacherPool, Task):
         return {"box_fill_miou": protocol.miou(res + extra), "box_fill_ap": protocol.mask_ap(gt, res)["AP"]}
 
     def notes(self) -> list[str]:
+        return [*self._tier_notes(), "box and point evaluate one trained model per method and seed (the box cell "
+                                     "trains it, the point cell reuses it: records' training.shared)"]
+
+    def _tier_notes(self) -> list[str]:
         if self.tier == "smoke":
             return ["smoke tier: generated shapes scenes (64 px) and tiny SAM-architecture models; not a SAM number"]
         if self.tier == "full":

@@ -94,3 +94,29 @@ def test_every_method_runs_on_every_task(smoke_matrix, cache_dir, task, subtask,
         assert rec["teacher"]["name"]
     if method != "teacher":
         assert rec["training"]["steps"] == 4
+
+
+def test_subtasks_that_share_training_evaluate_one_trained_model(smoke_matrix):
+    """A task whose subtasks are protocols of one model (``Task.shared_training``, e.g. sam's box and point)
+    trains each method once: the later subtasks' records evaluate the model the first one trained and say so."""
+    checked = 0
+    for t in TASKS:
+        cls = registry.tasks.get(t)
+        if not cls.shared_training:
+            continue
+        first, *rest = cls.subtasks
+        for m in METHODS:
+            _, a = smoke_matrix[(t, first, m)]
+            if m == "teacher" or a["status"] != "ok":
+                continue
+            shared = a["training"]["shared"]
+            assert shared["reused"] is False and shared["trained_in"] == a["cell_id"]
+            for sub in rest:
+                _, b = smoke_matrix[(t, sub, m)]
+                assert b["status"] == "ok", b.get("traceback")
+                assert b["training"]["shared"] == {**shared, "reused": True}
+                assert b["training"]["loss_log"] == a["training"]["loss_log"]
+                assert b["method_info"] == a["method_info"]
+                assert set(b["metrics"]) != set(a["metrics"])  # evaluated by its own protocol
+                checked += 1
+    assert checked >= 3
