@@ -466,11 +466,16 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
         params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in modules.items()}
         return modules, optimizers, schedulers, params
 
-    modules, optimizers, schedulers, params = build(gen)
+    # A checkpoint taken at the last step of a generation resumes at the next one's first step, where the loop
+    # builds that generation's optimisers anyway: the finished generation's optimiser states are not restored
+    # (a method may already have changed which parameters train, for the next generation, in on_step_end).
+    at_boundary = ckpt is not None and ckpt["step"] in starts[1:]
+    if not at_boundary:
+        modules, optimizers, schedulers, params = build(gen)
     if ckpt is not None:
         for k, m in extras.items():
             m.load_state_dict(ckpt["extras"][k])
-        for k in optimizers:
+        for k in (() if at_boundary else optimizers):
             optimizers[k].load_state_dict(ckpt["optimizers"][k])
             schedulers[k].load_state_dict(ckpt["schedulers"][k])
         ctx.teacher_cache = ckpt["teacher_cache"]

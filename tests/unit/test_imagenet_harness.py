@@ -89,6 +89,46 @@ def test_resume_across_a_generation_boundary_is_exact(task, tmp_path):
         assert k == k2 and torch.equal(v, v2), k
 
 
+class Switcher(Method):
+    """Two generations on labels, one student; at the last step of generation 0 it freezes everything but the
+    last parameter tensor, so generation 1's optimiser covers fewer parameters (MobileSAM's decoder fine-tuning,
+    ESP-MedSAM's controller stage)."""
+
+    name = "switcher"
+    domains = frozenset({"classification"})
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        super().__init__(Params())
+        self.crash_at = crash_at
+
+    def generations(self, total_steps):
+        return [Generation(total_steps // 2, False), Generation(total_steps - total_steps // 2, False)]
+
+    def training_step(self, batch, ctx):
+        if self.crash_at is not None and ctx.step == self.crash_at:
+            raise KeyboardInterrupt
+        return {"student": ctx.label_loss(ctx.student_outputs(batch), batch)}
+
+    def on_step_end(self, ctx):
+        if ctx.generation == 0 and ctx.generation_step + 1 == ctx.generation_steps:
+            for p in list(ctx.student.parameters())[:-1]:
+                p.requires_grad_(False)
+        return {}
+
+
+def test_resume_exactly_at_a_generation_boundary_where_the_trained_parameters_change(task, tmp_path):
+    full, _ = train(Switcher(), task, task.student(0), None, cfg(6), seed=0)
+    ckpt = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):  # dies at generation 1's first step: the checkpoint is generation 0's end
+        train(Switcher(crash_at=3), task, task.student(0), None, cfg(6), seed=0, checkpoint_path=ckpt,
+              checkpoint_every=1)
+    resumed, result = train(Switcher(), task, task.student(0), None, cfg(6), seed=0, checkpoint_path=ckpt,
+                            checkpoint_every=1)
+    assert result.resumed_from_step == 3
+    for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+
+
 class Ensemble(Method):
     name = "ensemble-probe"
     domains = frozenset({"classification"})
