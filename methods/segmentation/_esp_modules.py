@@ -234,12 +234,21 @@ class ESPHeads(nn.Module):
         return masks[:, k:k + 1], patch
 
 
-def _auto(emb: Tensor, heads: ESPHeads, pe: Tensor, img_size: int, mcls: int | None) -> tuple[Tensor, Tensor]:
-    low, patch = heads(emb, pe, mcls)
-    return F.interpolate(low, (img_size, img_size), mode="bilinear", align_corners=False), patch
+class SelfPrompting:
+    """Prompt-free segmentation through the ESP heads ``esp`` of a model with ``embed``, ``prompt_encoder`` (its
+    dense positional encoding) and ``img_size``: the student and the medical teacher alike."""
+
+    def segment(self, images: Tensor, mcls: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(B,1,S,S) mask logits, patch logits and the image embedding (the student: at its current ``modality``)."""
+        emb = self.embed(images)
+        low, patch = self.esp(emb, self.prompt_encoder.get_dense_pe(), mcls)
+        return F.interpolate(low, (self.img_size, self.img_size), mode="bilinear", align_corners=False), patch, emb
+
+    def segment_auto(self, images: Tensor, mcls: int | None = None) -> Tensor:
+        return self.segment(images, mcls)[0]
 
 
-class ESPStudent(PromptableSAM):
+class ESPStudent(SelfPrompting, PromptableSAM):
     """The task's TinyViT `PromptableSAM` made into ESP-MedSAM's student: SemiTViT (shared TinyViT + one Modality
     Controller for modality ``controller``) and the ESP heads (``esp``). ``modality`` switches the controller:
     None = off = the plain shared backbone (what the task's prompted evaluation sees)."""
@@ -265,14 +274,6 @@ class ESPStudent(PromptableSAM):
             if isinstance(m, ModalityTinyViTBlock):
                 m.med_on = value is not None
 
-    def segment(self, images: Tensor, mcls: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Prompt-free: (B,1,S,S) mask logits, patch logits, image embedding, at the current ``modality``."""
-        emb = self.embed(images)
-        masks, patch = _auto(emb, self.esp, self.prompt_encoder.get_dense_pe(), self.img_size, mcls)
-        return masks, patch, emb
-
-    def segment_auto(self, images: Tensor, mcls: int | None = None) -> Tensor:
-        return self.segment(images, mcls)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,7 +331,7 @@ class ModalityViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x)) + self.med_dah(x)
 
 
-class MedicalTeacher(nn.Module):
+class MedicalTeacher(SelfPrompting, nn.Module):
     """F_ViT-Med: a copy of the foundation teacher's ViT encoder (frozen) with a controller per block and its own
     ESP heads (trainable); the prompt encoder's copy gives the dense positional encoding."""
 
@@ -352,13 +353,6 @@ class MedicalTeacher(nn.Module):
     def embed(self, images: Tensor) -> Tensor:
         return self.image_encoder(images)
 
-    def segment(self, images: Tensor, mcls: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        emb = self.embed(images)
-        masks, patch = _auto(emb, self.esp, self.prompt_encoder.get_dense_pe(), self.img_size, mcls)
-        return masks, patch, emb
-
-    def segment_auto(self, images: Tensor, mcls: int | None = None) -> Tensor:
-        return self.segment(images, mcls)[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ from pydantic import Field
 from bench import BenchError
 from bench.api import Generation, Method, Params, split_steps
 from bench.methods.segmentation.mobilesam import check_embeddings, copy_decoder, embedding_mse
-from bench.methods.segmentation.slimsam import is_vit_candidate
+from bench.methods.segmentation.slimsam import is_vit_candidate, vit_pool
 
 if TYPE_CHECKING:
     import torch
@@ -161,11 +161,8 @@ class ESPMedSAM(Method):
 
     # --- which cells, which teacher -------------------------------------------------------------
     def unsupported(self, task: Task) -> str | None:
-        try:
-            pool = task.teacher_pool()
-        except NotImplementedError:
-            pool = []
-        if any(is_vit_candidate(c) for c in pool):
+        pool, vits = vit_pool(task)
+        if vits:
             return None
         return (f"esp_medsam's foundation and medical teachers are SAM ViTs (prefix K/V tokens per ViT block) and task "
                 f"{task.name}'s teacher pool {[c.name for c in pool]} offers no ViT entry")

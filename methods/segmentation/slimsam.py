@@ -90,6 +90,15 @@ def is_vit_candidate(candidate: TeacherCandidate) -> bool:
     return "vit" in name
 
 
+def vit_pool(task: Task) -> tuple[list[TeacherCandidate], list[TeacherCandidate]]:
+    """(the task's teacher pool, its plain-ViT entries); a task without a pool gives two empty lists."""
+    try:
+        pool = task.teacher_pool()
+    except NotImplementedError:
+        pool = []
+    return pool, [c for c in pool if is_vit_candidate(c)]
+
+
 def virtual_epoch(step: int, steps: int, epochs: int) -> int:
     """Harness step ``step`` of ``steps`` mapped onto ``epochs`` equal epochs: floor(step * epochs / steps)."""
     return min(epochs - 1, step * epochs // max(1, steps))
@@ -149,11 +158,8 @@ class SlimSAM(Method):
 
     # --- which cells ---------------------------------------------------------------------------------
     def unsupported(self, task: Task) -> str | None:
-        try:
-            pool = task.teacher_pool()
-        except NotImplementedError:
-            pool = []
-        if any(is_vit_candidate(c) for c in pool):
+        pool, vits = vit_pool(task)
+        if vits:
             return None
         return (f"slimsam prunes a plain ViT image encoder (segment_anything ImageEncoderViT; SAM-B in the paper) "
                 f"and task {task.name}'s teacher pool {[c.name for c in pool]} offers none (its encoders, e.g. "
