@@ -475,9 +475,10 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
     if ckpt is not None:
         for k, m in extras.items():
             m.load_state_dict(ckpt["extras"][k])
-        for k in (() if at_boundary else optimizers):
-            optimizers[k].load_state_dict(ckpt["optimizers"][k])
-            schedulers[k].load_state_dict(ckpt["schedulers"][k])
+        if not at_boundary:
+            for k in optimizers:
+                optimizers[k].load_state_dict(ckpt["optimizers"][k])
+                schedulers[k].load_state_dict(ckpt["schedulers"][k])
         ctx.teacher_cache = ckpt["teacher_cache"]
         ctx.previous_cache = ckpt.get("previous_cache", {})
         counters = ckpt["counters"]

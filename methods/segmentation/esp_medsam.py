@@ -83,7 +83,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bench import BenchError
 from bench.api import Generation, Method, Params, split_steps
@@ -149,10 +149,16 @@ class ESPMedSAM(Method):
         # Not in the paper: a sanity check of the in-domain fit next to the real image's numbers.
         heldout_scenes: int = Field(8, ge=0, le=256, description="generated held-out scenes scored the same way")
 
+        @model_validator(mode="after")
+        def _modality_in_range(self):
+            # Checked when the suite resolves, before any cell runs.
+            if self.modality >= self.num_modalities:
+                raise ValueError(f"modality {self.modality} must be < num_modalities {self.num_modalities} "
+                                 f"(valid: 0..{self.num_modalities - 1})")
+            return self
+
     def __init__(self, params: Params) -> None:
         super().__init__(params)
-        if params.modality >= params.num_modalities:
-            raise BenchError(f"esp_medsam.modality {params.modality} must be < num_modalities {params.num_modalities}")
         self.info: dict[str, Any] = {}
         self.med_teacher: nn.Module | None = None
         self.n_stages = 3

@@ -235,7 +235,7 @@ class Sam(TeacherPool, Task):
 
             specs.append(ModelSpec("sam_vit_b", SamConfig.sam("vit_b").model_copy(update={"img_size": self.img_size}),
                                    "official SAM vit_b checkpoint (sam.base_checkpoint; SlimSAM's teacher)",
-                                   self.params.base_checkpoint))
+                                   self.params.base_checkpoint, "sam.base_checkpoint"))
         return specs
 
     def teacher_pool(self) -> list[TeacherCandidate]:

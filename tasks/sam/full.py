@@ -210,9 +210,7 @@ class FullTier:
         from .model import build_sam, count_params
 
         model = build_sam(spec.config, seed=0)
-        field = "sam.base_checkpoint" if spec.checkpoint == self.p.base_checkpoint and spec.name == "sam_vit_b" \
-            else "sam.teacher_checkpoint"
-        facts = load_sam_checkpoint(model, spec.checkpoint, field)
+        facts = load_sam_checkpoint(model, spec.checkpoint, spec.checkpoint_field)
         return model, {"name": spec.name, "arch": spec.name.removeprefix("sam_"), "trained_by": "provided",
                        "n_params": count_params(model), "description": spec.description, **facts}
 

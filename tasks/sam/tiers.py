@@ -54,6 +54,7 @@ class ModelSpec:
     config: Any  # SamConfig
     description: str
     checkpoint: str | None = None  # a local official checkpoint (full tier)
+    checkpoint_field: str = "sam.teacher_checkpoint"  # the parameter that gave it (named in load errors)
 
 
 def smoke_configs() -> tuple[SamConfig, SamConfig]:

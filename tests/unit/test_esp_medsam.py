@@ -379,3 +379,14 @@ def test_smoke_run_records_the_prompt_free_nuclei_scores(tmp_path, cache_dir):
     assert ev["params"]["modality_controller"] > 0 and ev["params"]["shared_backbone"] > 0
     keys = [set(e) - {"step", "generation"} for e in rec["training"]["loss_log"]]
     assert {"common_kd_mse"} <= keys[0] and any("seg_loss" in k for k in keys) and "mc_kd_mse" in keys[-1]
+
+
+def test_a_modality_outside_the_queries_is_refused_when_the_suite_resolves(tmp_path):
+    from bench import BenchError
+    from bench.config import Suite, resolve
+
+    suite = Suite(tasks=["sam"], methods=[{"name": "esp_medsam", "params": {"modality": 6}}], seeds=[0],
+                  tier="smoke", out=str(tmp_path / "runs"))
+    with pytest.raises(BenchError, match=r"modality 6 must be < num_modalities 6 \(valid: 0\.\.5\)"):
+        resolve(suite)
+    assert not (tmp_path / "runs").exists()
