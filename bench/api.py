@@ -52,6 +52,30 @@ class Metric:
     #: shown as points; 1: shown as is, e.g. a perplexity).
     column: bool = False
     scale: float = 100.0
+    #: This metric is a no-model floor of the named metric (segmentation: the mask that fills the prompt box,
+    #: the floor of box mIoU). A teacher row that does not beat a floor is flagged as a weak teacher in its
+    #: record (``teacher_quality``) and under the leaderboard (`weak_teacher`).
+    floor_of: str = ""
+
+
+def weak_teacher(metrics: dict[str, Any], specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The floors (``Metric.floor_of``) that a model's ``metrics`` do not beat: one dict per floor with the
+    metric, its value, the floor's name and value. ``specs`` are metric specs as records store them
+    (``Metric.__dict__``); a metric or floor that is missing or not a finite number is not judged."""
+    import math
+
+    hib = {s.get("name"): bool(s.get("higher_is_better", True)) for s in specs}
+    out = []
+    for s in specs:
+        target = s.get("floor_of")
+        if not target:
+            continue
+        v, f = metrics.get(target), metrics.get(s.get("name"))
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (v, f)):
+            continue
+        if (v <= f) if hib.get(target, True) else (v >= f):
+            out.append({"metric": target, "value": float(v), "floor": s.get("name"), "floor_value": float(f)})
+    return out
 
 
 @dataclass

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import BenchError
+from bench.api import weak_teacher
 from bench.efficiency_cells import (
     COMPONENT_PREFIX,
     EFFICIENCY,
@@ -107,6 +108,8 @@ class _Rec:
     #: (higher_is_better, display scale) of the score, from the task's primary metric (x100 and higher is
     #: better for accuracies; FID is shown as is and lower is better)
     score_spec: tuple[bool, float] = (True, 100.0)
+    #: floors (`bench.api.weak_teacher`) this record's metrics do not beat; judged for teacher rows
+    below_floor: tuple[dict[str, Any], ...] = ()
 
 
 def _metric_columns(rec: dict[str, Any]) -> dict[str, tuple[float | None, bool, float, str]]:
@@ -171,6 +174,8 @@ def _compact(rec: dict[str, Any]) -> _Rec:
         created=str(rec.get("created") or ""),
         metric_cols=_metric_columns(rec) if status == "ok" else {},
         score_spec=_score_spec(rec),
+        below_floor=tuple(weak_teacher(rec.get("metrics") or {}, rec.get("metric_specs") or []))
+        if status == "ok" and c["method"] == "teacher" else (),
     )
 
 
@@ -407,6 +412,25 @@ def _mark_best(table: Table) -> None:
         tv.best = separated
 
 
+def _weak_teacher_notes(recs: list[_Rec], subtasks: list[str]) -> list[str]:
+    """One line per subtask whose teacher row does not beat a no-model floor (means over its seeds)."""
+    out = []
+    for s in subtasks:
+        found: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+        for r in recs:
+            if r.subtask == s:
+                for b in r.below_floor:
+                    found[(b["metric"], b["floor"])].append((b["value"], b["floor_value"]))
+        if not found:
+            continue
+        parts = [f"{m} {sum(v for v, _ in xs) / len(xs):.3f} against {f} {sum(x for _, x in xs) / len(xs):.3f}"
+                 for (m, f), xs in found.items()]
+        out.append(f"WEAK TEACHER on {s}: the teacher row does not beat the no-model floor ({'; '.join(parts)}). "
+                   f"Its students' rows show what each method transfers from this teacher, not what the method "
+                   f"would reach with a good one; do not read them as a ranking of the methods.")
+    return out
+
+
 def _footnotes(
     table: Table,
     recs: list[_Rec],
@@ -427,6 +451,7 @@ def _footnotes(
         + ". Computed per seed over the subtasks a row has, then aggregated over seeds; a row with "
         f"fewer than these shows how many (k/{len(scored)}) and is not ranked."
     ]
+    out += _weak_teacher_notes(recs, subtasks)
     for s in subtasks:
         if s in notes:
             out.append(f"{marks[s]} {s}: {' '.join(notes[s])}")

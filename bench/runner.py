@@ -22,7 +22,7 @@ from typing import Any
 
 import bench
 from bench import BenchError, progress, registry
-from bench.api import Method, Task, TaskEnv, TrainConfig
+from bench.api import Method, Task, TaskEnv, TrainConfig, weak_teacher
 from bench.config import Resolved, config_hash
 from bench.store import RECORD_SCHEMA_VERSION, Cell, Store
 
@@ -236,6 +236,9 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
     metrics = task.evaluate(model)
     rec["metrics"] = metrics
     rec["metric_specs"] = [m.__dict__ for m in task.metrics()]
+    if method.role == "teacher":
+        below = weak_teacher(metrics, rec["metric_specs"])
+        rec["teacher_quality"] = {"weak": bool(below), "below_floor": below}
     rec["score"] = task.score(metrics)
     rec["aggregate"] = {"name": task.aggregate_name, "rule": task.aggregate_rule}  # a tier may rename it
     rec["status"] = "ok"

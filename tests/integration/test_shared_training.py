@@ -47,3 +47,17 @@ def test_box_and_point_evaluate_one_trained_student(tmp_path, cache_dir):
     assert longer["box"]["training"]["shared"]["key"] != box["key"]
     assert longer["point"]["training"]["steps"] == 4
     assert len(list((out / "trained" / "sam").iterdir())) == 2
+
+
+def test_the_teacher_row_records_whether_it_beats_the_no_model_floor(tmp_path, cache_dir):
+    suite = Suite(tasks=["sam/box"], methods=["teacher"], seeds=[0], tier="smoke", out=str(tmp_path),
+                  runtime={"measure": False}, references=False, task_params={"sam": {"eval_images": 2}})
+    summary = execute(resolve(suite), RunOptions(out=tmp_path, cache_dir=cache_dir, data_root=None,
+                                                 profile=detect_profile()))
+    assert not summary.failed
+    rec = read_record(summary.outcomes[0].path)
+    m, q = rec["metrics"], rec["teacher_quality"]
+    below = [b for b in q["below_floor"] if b["metric"] == "box_miou"]
+    assert q["weak"] is bool(q["below_floor"])
+    assert bool(below) is (m["box_miou"] <= m["box_fill_miou"])
+    assert all(b["value"] == m[b["metric"]] and b["floor_value"] == m[b["floor"]] for b in q["below_floor"])

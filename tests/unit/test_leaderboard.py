@@ -389,3 +389,37 @@ def test_plots_accept_an_interval_a_last_bit_off_the_mean():
             lat.ci = (lat.mean + 1e-12, lat.mean + 2e-12)
     figures = render_table(table)
     assert figures and all(svg for kinds in figures.values() for svg in kinds.values())
+
+
+def test_weak_teacher_is_judged_against_declared_floors_both_directions():
+    from bench.api import weak_teacher
+
+    specs = [{"name": "miou", "higher_is_better": True}, {"name": "fill", "floor_of": "miou"},
+             {"name": "fid", "higher_is_better": False}, {"name": "fid_floor", "floor_of": "fid"}]
+    # higher is better: 0.219 does not beat 0.597; lower is better: 12.0 beats 30.0
+    assert weak_teacher({"miou": 0.219, "fill": 0.597, "fid": 12.0, "fid_floor": 30.0}, specs) == [
+        {"metric": "miou", "value": 0.219, "floor": "fill", "floor_value": 0.597}]
+    # equal to the floor is not beating it; a lower-is-better metric above its floor is weak
+    assert [b["metric"] for b in weak_teacher({"miou": 0.5, "fill": 0.5, "fid": 31.0, "fid_floor": 30.0},
+                                              specs)] == ["miou", "fid"]
+    assert weak_teacher({"miou": 0.7, "fill": 0.597}, specs) == []
+    assert weak_teacher({"miou": float("nan"), "fill": 0.597}, specs) == []  # not judged without a number
+
+
+def test_a_teacher_row_below_a_floor_is_flagged_under_the_table():
+    specs = [{"name": "box_miou", "primary": True}, {"name": "box_fill_miou", "floor_of": "box_miou"}]
+    recs = []
+    for method, vals in (("teacher", (0.20, 0.24)), ("kd", (0.30, 0.31))):
+        for seed, v in enumerate(vals):
+            r = make_record(task="sam", subtask="box", method=method, seed=seed, score=v,
+                            metrics={"box_miou": v, "box_fill_miou": 0.597}, aggregate=("mIoU", "mean"))
+            r["metric_specs"] = specs
+            recs.append(r)
+    md = to_markdown(build_tables(recs)[0])
+    assert "WEAK TEACHER on box" in md
+    assert "box_miou 0.220 against box_fill_miou 0.597" in md  # means over the teacher's two seeds
+    # a student below the floor is not a teacher problem; a teacher above it is not flagged
+    for r in recs:
+        if r["cell"]["method"] == "teacher":
+            r["metrics"]["box_miou"] = 0.65
+    assert "WEAK TEACHER" not in to_markdown(build_tables(recs)[0])
