@@ -454,7 +454,7 @@ def _footnotes(
     out += _weak_teacher_notes(recs, subtasks)
     for s in subtasks:
         if s in notes:
-            out.append(f"{marks[s]} {s}: {' '.join(notes[s])}")
+            out.append(f"{marks[s]} {s}: {' '.join(n if n.rstrip()[-1:] in '.!?)' else n + '.' for n in notes[s])}")
     shape = f" (declared input: {', '.join(sorted(inputs))})" if inputs else ""
     metric_cols = [c for c in table.columns if c.kind == "metric"]
     gen_cols = [c for c in table.columns if c.kind == "efficiency" and (
