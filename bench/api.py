@@ -408,6 +408,10 @@ class Method:
     #: decay 0), as ``OptimConfig`` field -> value. Applied by the harness to every optimiser of the
     #: cell, recorded in the cell's configuration (and so in its hash); empty for most methods.
     optim_overrides: ClassVar[dict[str, Any]] = {}
+    #: True for methods that train nothing (frame_skip: the teacher's encoder run on fewer frames): the
+    #: harness builds the student with ``init_student`` and evaluates it without running the step budget; the
+    #: record says 0 steps. Budget fairness is then in compute at inference, which the row reports.
+    training_free: ClassVar[bool] = False
     #: False for methods whose teachers are their own earlier generations (self-distillation): the
     #: harness then neither builds nor loads the task's teacher for the cell.
     uses_task_teacher: ClassVar[bool] = True

@@ -112,6 +112,27 @@ def cached_teacher(
     return model, {**meta, "cache": "trained", "path": str(folder)}
 
 
+def safetensors_folder(build: Callable[[], nn.Module]) -> tuple[Callable[[nn.Module, Path], None],
+                                                                   Callable[[Path], nn.Module]]:
+    """(save, load) for `cached_teacher` of a model rebuilt by ``build`` and kept as ``model.safetensors``
+    (the whole state dict, loaded strictly)."""
+
+    def save(model: nn.Module, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+
+    def load(folder: Path) -> nn.Module:
+        from safetensors.torch import load_file
+
+        model = build()
+        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+        return model
+
+    return save, load
+
+
 class TeacherPool:
     """Mixin for tasks whose teachers are a declared pool of specs (objects with a ``name``), each built or
     loaded once per task object by ``_trained_teacher(spec)`` -> (model, info): ``teacher(name)`` and

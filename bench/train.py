@@ -441,6 +441,13 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
             ctx.previous.to(device).eval()
     student.to(device).train()
     ctx.student = student
+    if type(method).training_free:  # nothing to optimise: evaluate the model init_student built
+        result.generations = [{"index": 0, "steps": 0, "fresh_student": False, "name": "training-free"}]
+        student.eval()
+        final = method.finalize_student(student, ctx)
+        final.eval()
+        result.teacher_cache = ctx.teacher_cache_info()
+        return final, result
     ctx.generation, ctx.generation_steps = gen, plan[gen].steps
     method.create_modules(ctx)
     extras = method.extra_modules()

@@ -27,18 +27,25 @@ given in the suite always wins, and the values used are recorded (``method_info`
   Their logged loss is the cross-entropy -sum p log q (no teacher entropy); the value here is the KL,
   with the same gradient. The lm task's outputs are one row per scored token, so the ``batchmean`` KL is
   the token average those repositories compute.
+
+* grounding (a frame encoder of the charades_sta task): feature distillation, the baseline ResidualViT's
+  setting implies (a smaller frame encoder taught by the foundation model's frame embeddings): the student's
+  normalised frame features regress the teacher's, ``L = (1 - alpha) * label + alpha * D``, with ``D`` the mean
+  cosine distance ``1 - cos(z_s, z_t)`` over frames (``feature_loss: cosine``, the default) or the mean squared
+  distance between the normalised features (``mse``); alpha = 1 (no label term) unless the suite sets it. The
+  temperature does not apply. The text encoder is the task's (the teacher's, frozen, in the student too).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from bench.api import Method, Params
 
 #: (temperature, alpha) per task domain when the suite leaves them unset (sources in the module docstring).
-DOMAIN_DEFAULTS = {"classification": (4.0, 0.9), "lm": (1.0, 1.0)}
+DOMAIN_DEFAULTS = {"classification": (4.0, 0.9), "lm": (1.0, 1.0), "grounding": (1.0, 1.0)}
 
 if TYPE_CHECKING:
     import torch
@@ -62,12 +69,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label_lo
     return (1.0 - alpha) * label_loss + alpha * soft, soft
 
 
+def feature_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean over frames of ``1 - cos`` (``cosine``) or of the squared distance (``mse``) of normalised features."""
+    import torch.nn.functional as F
+
+    s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.detach().float(), dim=-1)
+    if kind == "cosine":
+        return (1.0 - (s * t).sum(-1)).mean()
+    return ((s - t) ** 2).sum(-1).mean()
+
+
 class KD(Method):
     """Hinton et al. 2015: temperature-softened KL x T^2 mixed with the label loss."""
 
     name = "kd"
     version = "1"
-    domains = frozenset({"classification", "lm"})
+    domains = frozenset({"classification", "lm", "grounding"})
 
     class Params(Params):
         # Unset (None) means the task domain's default, DOMAIN_DEFAULTS:
@@ -80,6 +97,10 @@ class KD(Method):
                                                                   "lm 1)")
         alpha: float | None = Field(None, ge=0, le=1, description="weight of the soft (distillation) term (unset: "
                                                                   "classification 0.9, lm 1)")
+
+        # grounding only (module docstring): cosine distance, or squared distance, of normalised frame features
+        feature_loss: Literal["cosine", "mse"] = Field("cosine", description="grounding: frame-feature distance "
+                                                                            "to the teacher's")
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
@@ -99,6 +120,11 @@ class KD(Method):
         teacher = ctx.teacher_outputs(batch)
         label = ctx.label_loss(out, batch)
         temperature, alpha = self.resolve(ctx.task.domain)
+        if ctx.task.domain == "grounding":
+            self.resolved.pop("temperature", None)
+            self.resolved["feature_loss"] = self.params.feature_loss
+            soft = feature_distance(out.logits, teacher.logits, self.params.feature_loss)
+            return {"student": (1.0 - alpha) * label + alpha * soft if alpha < 1 else soft}
         loss, _ = kd_loss(out.logits, teacher.logits, label, temperature, alpha,
                           regression=ctx.problem() == "regression")
         return {"student": loss}

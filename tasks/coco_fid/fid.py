@@ -164,11 +164,9 @@ def inception_path() -> Path:
 
 @lru_cache(maxsize=None)
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from bench.hashing import file_digest
+
+    return file_digest(path, "sha256", 1 << 22)
 
 
 def _checked_inception_path() -> Path:

@@ -431,11 +431,9 @@ def fingerprint_examples(examples: Iterable[Example]) -> str:
 
 def file_md5(path: Path, chunk: int = 1 << 20) -> str:
     """md5 of a file's bytes (the checksum SOURCES.md lists for each data file)."""
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    from bench.hashing import file_digest
+
+    return file_digest(path, "md5", chunk)
 
 
 # --------------------------------------------------------------------------------------------------

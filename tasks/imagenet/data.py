@@ -252,11 +252,9 @@ def cifar_zip(data_root: Path | None) -> Path | None:
 
 
 def file_md5(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    from bench.hashing import file_digest
+
+    return file_digest(path, "md5", chunk)
 
 
 def extract_cifar(zip_path: Path, cache_dir: Path) -> Path:

@@ -257,7 +257,7 @@ class Sam(TeacherPool, Task):
                            optim=base.optim)
 
     def _trained_teacher(self, spec: ModelSpec) -> tuple[nn.Module, dict[str, Any]]:
-        from bench.teachers import cached_teacher
+        from bench.teachers import cached_teacher, safetensors_folder
 
         from .model import arch_params, build_sam
 
@@ -271,18 +271,8 @@ class Sam(TeacherPool, Task):
                  "data": self.data_fingerprint().get("train"), "seed": 0,
                  "prompts": "box + point (batches.MixedPrompts, every 2)" if TIERS[self.tier]["teacher_points"] else "box"}
 
-        def load(folder: Path) -> nn.Module:
-            from safetensors.torch import load_file
-
-            model = build_sam(spec.config.model_copy(update={"pretrained": False}), seed=0)
-            model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-            return model
-
-        def save(model: nn.Module, folder: Path) -> None:
-            from safetensors.torch import save_file
-
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        # loading rebuilds without the ImageNet weights: the saved state dict holds every trained weight
+        save, load = safetensors_folder(lambda: build_sam(spec.config.model_copy(update={"pretrained": False}), seed=0))
 
         self._training_teacher = True
         try:

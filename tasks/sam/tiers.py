@@ -95,12 +95,12 @@ def small_vit_teacher() -> SamConfig:
 
 
 def sha256_files(paths: list[Path]) -> str:
+    from bench.hashing import update_from_file
+
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode())
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        update_from_file(h, p)
     return h.hexdigest()
 
 

@@ -1,0 +1,1 @@
+"""Distillation methods of the grounding (video frame encoder) domain: each module is one method on the ``charades_sta`` task's `VideoCLIP` interface (DESIGN.md "the other domains"): they change only how frame features are made."""
