@@ -106,13 +106,23 @@ class KD(Method):
         super().__init__(params)
         self.resolved: dict[str, object] = {}
 
+    @classmethod
+    def check_task(cls, params: Params, task: str, task_params: Params) -> str | None:
+        from bench import registry
+
+        if params.temperature is not None and registry.tasks.get(task).domain == "grounding":
+            return (f"kd.temperature does not apply to {task} (grounding: kd regresses frame features, no softmax); "
+                    f"leave it unset there")
+        return None
+
     def resolve(self, domain: str) -> tuple[float, float]:
         """(temperature, alpha) for a task of ``domain``: the suite's values, else the domain's defaults."""
         t0, a0 = DOMAIN_DEFAULTS.get(domain, DOMAIN_DEFAULTS["classification"])
         t = self.params.temperature if self.params.temperature is not None else t0
         a = self.params.alpha if self.params.alpha is not None else a0
+        used = ("alpha",) if domain == "grounding" else ("temperature", "alpha")  # no softmax on grounding
         self.resolved = {"temperature": t, "alpha": a, "domain": domain,
-                         "defaults_used": [k for k in ("temperature", "alpha") if getattr(self.params, k) is None]}
+                         "defaults_used": [k for k in used if getattr(self.params, k) is None]}
         return t, a
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ def fill_features(encoded: torch.Tensor, t: int, every: int, fill: str) -> torch
         return encoded[:, left]
     right = torch.clamp(left + 1, max=encoded.shape[1] - 1)
     w = ((idx % every).float() / every).to(encoded.dtype)
-    w = torch.where(left + 1 > encoded.shape[1] - 1, torch.zeros_like(w), w)  # after the last encoded frame: hold
+    # after the last encoded frame right == left, so the blend is that frame's feature: hold
     mixed = (1 - w)[None, :, None] * encoded[:, left] + w[None, :, None] * encoded[:, right]
     return F.normalize(mixed, dim=-1)
 

@@ -218,8 +218,14 @@ class CharadesSTA(TeacherPool, Task):
 
         ann = self._annotations
         rng = np.random.default_rng([seed, index])
-        pool = [s for _, _, s in ann["train"][:2000]]
-        return video_spec(rng, item[0], item[1], item[2], ann["vocab"], pool, len(self._backgrounds.clips)), rng
+        return video_spec(rng, item[0], item[1], item[2], ann["vocab"], self._distractors,
+                          len(self._backgrounds.clips)), rng
+
+    @cached_property
+    def _distractors(self) -> list[tuple[int, int]]:
+        """(noun, verb) classes of the first 2,000 training sentences: what distractor moments show."""
+        ann = self._annotations
+        return [ann["vocab"].classes(s) for _, _, s in ann["train"][:2000]]
 
     def _context_length(self) -> int:
         if self.tier == "full":

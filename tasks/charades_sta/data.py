@@ -317,14 +317,14 @@ def motion(frames: np.ndarray, patch: int, previous: np.ndarray | None = None) -
 
 # --- video specifications -------------------------------------------------------------------------------
 def video_spec(rng: np.random.Generator, duration: float, moment: tuple[float, float], sentence: str,
-               vocab: Vocabulary, distractors: Sequence[str], n_backgrounds: int) -> VideoSpec:
+               vocab: Vocabulary, distractors: Sequence[tuple[int, int]], n_backgrounds: int) -> VideoSpec:
     """A video of ``duration`` seconds whose query ``sentence`` happens over ``moment`` (clamped to the video),
     with up to 2 distractor events of other sentences (a different noun or verb class) outside it."""
     s, e = max(0.0, moment[0]), min(duration, moment[1])
     noun, verb = vocab.classes(sentence)
     events = [Event(s, e, noun, verb, float(rng.uniform(0, 2 * np.pi)))]
     free = [(0.0, s), (e, duration)]
-    pool = [d for d in distractors if vocab.classes(d) != (noun, verb)]
+    pool = [d for d in distractors if d != (noun, verb)]  # (noun, verb) classes of other sentences
     for _ in range(int(rng.integers(0, 3))):
         if not pool:
             break
@@ -333,7 +333,7 @@ def video_spec(rng: np.random.Generator, duration: float, moment: tuple[float, f
             continue
         length = float(rng.uniform(1.5, min(hi - lo, max(2.0, 0.4 * duration))))
         start = float(rng.uniform(lo, hi - length))
-        dn, dv = vocab.classes(pool[int(rng.integers(0, len(pool)))])
+        dn, dv = pool[int(rng.integers(0, len(pool)))]
         events.append(Event(start, start + length, dn, dv, float(rng.uniform(0, 2 * np.pi))))
         free = [(lo, start), (start + length, hi)] + [f for f in free if f != (lo, hi)]
     pan = (float(rng.uniform(0.3, 1.2)), float(rng.uniform(0.2, 0.8)), float(rng.uniform(0, 20)))

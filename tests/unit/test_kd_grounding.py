@@ -96,3 +96,14 @@ def test_kd_grounding_alpha_mixes_in_the_label_loss():
     # alpha 0.2 with mse: 0.8 * 5.0 + 0.2 * 1.2928932 = 4.2585786
     loss = KD(KD.Params(alpha=0.2, feature_loss="mse")).training_step({}, GroundingCtx(z, t, torch.tensor(5.0)))
     assert loss["student"].item() == pytest.approx(4.2585786, abs=1e-6)
+
+
+def test_a_temperature_on_a_grounding_task_is_refused_before_anything_runs():
+    from bench.methods.kd import KD
+    from bench.tasks.charades_sta import CharadesSTA
+
+    tp = CharadesSTA.Params()
+    assert "kd.temperature does not apply to charades_sta" in KD.check_task(KD.Params(temperature=2.0),
+                                                                            "charades_sta", tp)
+    assert KD.check_task(KD.Params(), "charades_sta", tp) is None
+    assert KD.check_task(KD.Params(temperature=2.0), "glue", tp) is None
