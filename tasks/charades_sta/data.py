@@ -42,6 +42,7 @@ COLOURS = ((0.95, 0.15, 0.1), (0.1, 0.75, 0.2), (0.15, 0.35, 0.95), (0.95, 0.85,
 #: the 4 places an object sits at, as (x, y) fractions of the frame (verb class // 4)
 PLACES = ((0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7))
 STRIPES = (0.0, 45.0, 90.0, 135.0)  # stripe orientations in degrees (verb class % 4)
+RADIUS = 0.15  # object radius as a fraction of the frame side
 N_NOUNS = len(SHAPES) * len(COLOURS)  # 24 noun classes + "other"
 N_VERBS = len(PLACES) * len(STRIPES)  # 16 verb classes + "other"
 STOPWORDS = frozenset(
@@ -280,7 +281,7 @@ def draw_event(frame: np.ndarray, ev: Event, t: float) -> None:
     drift = 0.04 * size
     cx = px * size + drift * np.cos(0.9 * t + ev.phase)
     cy = py * size + drift * np.sin(0.7 * t + ev.phase)
-    radius = 0.2 * size
+    radius = RADIUS * size
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     xx, yy = (xs - cx) / radius, (ys - cy) / radius
     mask = _shape_mask(shape, xx, yy)
@@ -319,21 +320,26 @@ def motion(frames: np.ndarray, patch: int, previous: np.ndarray | None = None) -
 def video_spec(rng: np.random.Generator, duration: float, moment: tuple[float, float], sentence: str,
                vocab: Vocabulary, distractors: Sequence[tuple[int, int]], n_backgrounds: int) -> VideoSpec:
     """A video of ``duration`` seconds whose query ``sentence`` happens over ``moment`` (clamped to the video),
-    with up to 2 distractor events of other sentences (a different noun or verb class) outside it."""
+    with 1-3 distractor events of other sentences outside it (where there is room). A distractor's (noun, verb)
+    class differs from the query's; half the time it is a *near miss* that shares the query's noun or its verb
+    (the same object elsewhere or with other stripes, or another object at the same place with the same
+    stripes), so grounding must read every attribute, not just spot an object."""
     s, e = max(0.0, moment[0]), min(duration, moment[1])
     noun, verb = vocab.classes(sentence)
     events = [Event(s, e, noun, verb, float(rng.uniform(0, 2 * np.pi)))]
     free = [(0.0, s), (e, duration)]
     pool = [d for d in distractors if d != (noun, verb)]  # (noun, verb) classes of other sentences
-    for _ in range(int(rng.integers(0, 3))):
+    near = [d for d in pool if d[0] == noun or d[1] == verb]
+    for _ in range(int(rng.integers(1, 4))):
         if not pool:
             break
-        lo, hi = free[int(rng.integers(0, 2))]
+        lo, hi = free[int(rng.integers(0, len(free)))]
         if hi - lo < 2.0:
             continue
         length = float(rng.uniform(1.5, min(hi - lo, max(2.0, 0.4 * duration))))
         start = float(rng.uniform(lo, hi - length))
-        dn, dv = pool[int(rng.integers(0, len(pool)))]
+        choices = near if near and rng.uniform() < 0.5 else pool
+        dn, dv = choices[int(rng.integers(0, len(choices)))]
         events.append(Event(start, start + length, dn, dv, float(rng.uniform(0, 2 * np.pi))))
         free = [(lo, start), (start + length, hi)] + [f for f in free if f != (lo, hi)]
     pan = (float(rng.uniform(0.3, 1.2)), float(rng.uniform(0.2, 0.8)), float(rng.uniform(0, 20)))

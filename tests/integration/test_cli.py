@@ -75,6 +75,12 @@ def test_validate_reports_problems_in_the_file(tmp_path):
     tagged.write_text("tasks: !!python/object:os.system [glue]\nmethods: [taid]\n")
     res = invoke("validate", str(tagged))
     assert res.exit_code == 2 and "not valid YAML" in res.output
+    binary = tmp_path / "s.yaml"
+    binary.write_bytes(b"\xff\xfe")  # a UTF-16 byte-order mark: not UTF-8 text
+    for cmd in (("validate", str(binary)), ("run", "--suite", str(binary), "--out", str(tmp_path / "runs"))):
+        res = invoke(*cmd)
+        assert res.exit_code == 2 and "not UTF-8 text" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists()
 
 
 def test_shipped_suites_validate():

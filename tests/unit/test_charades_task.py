@@ -50,11 +50,35 @@ def test_a_frame_shows_the_sentence_only_during_its_moment():
     assert np.all(before == 0.5) and np.all(after == 0.5)  # the moment is [start, end): 5.0 is outside
     changed = np.any(during != 0.5, axis=-1)
     ys, xs = np.nonzero(changed)
-    # centre near (0.7, 0.3) of the frame (drift <= 0.04 x 32 = 1.3 px), radius 0.2 x 32 = 6.4 px
+    # centre near (0.7, 0.3) of the frame (drift <= 0.04 x 32 = 1.3 px), radius 0.15 x 32 = 4.8 px
     assert abs(xs.mean() - 0.7 * size) < 2.0 and abs(ys.mean() - 0.3 * size) < 2.0
-    assert 0.6 * math.pi * 6.4 ** 2 < changed.sum() < 1.2 * math.pi * 6.4 ** 2
+    assert 0.6 * math.pi * 4.8 ** 2 < changed.sum() < 1.2 * math.pi * 4.8 ** 2
     red = during[changed]
     assert np.all(red[:, 0] > red[:, 1]) and np.all(red[:, 0] > red[:, 2])  # colour (0.95, 0.15, 0.1) x shade
+
+
+def test_distractors_lie_outside_the_moment_and_half_are_near_misses():
+    vocab = cdata.Vocabulary(nouns=tuple("n" + chr(97 + i) for i in range(24)),
+                             verbs=tuple("v" + chr(97 + i) for i in range(16)))
+    pool = [(n, v) for n in range(24) for v in range(16)]
+    counts, near, total = [], 0, 0
+    for seed in range(200):
+        spec = cdata.video_spec(np.random.default_rng(seed), 30.0, (10.0, 16.0), "person vd the nf.", vocab,
+                                pool, 2)
+        q, rest = spec.events[0], spec.events[1:]
+        assert (q.start, q.end, q.noun, q.verb) == (10.0, 16.0, 5, 3)
+        counts.append(len(rest))
+        for ev in rest:
+            assert ev.end <= 10.0 or ev.start >= 16.0  # never during the query's moment
+            assert (ev.noun, ev.verb) != (5, 3)
+            near += ev.noun == 5 or ev.verb == 3
+            total += 1
+        for a in rest:  # distractors do not overlap each other
+            assert all(a is b or a.end <= b.start or b.end <= a.start for b in rest)
+    assert set(counts) == {1, 2, 3}
+    # half are drawn from the near misses (same noun or verb: 38 of 383 classes), half from all of them
+    expected = 0.5 + 0.5 * 38 / 383
+    assert abs(near / total - expected) < 0.06
 
 
 def test_motion_is_the_mean_absolute_difference_per_patch():
@@ -124,6 +148,18 @@ def test_efficiency_is_per_second_of_video_and_a_p_frame_costs_less(smoke_task):
     assert costs["reduced_frame"]["flops"] < costs["full_frame"]["flops"]
     teacher_costs = component_costs(smoke_task.teacher(), smoke_task, "cpu")
     assert teacher_costs["reduced_frame"]["flops"] == teacher_costs["full_frame"]["flops"]
+
+
+def test_a_training_free_model_records_why_it_has_no_training_cost(smoke_task):
+    from types import SimpleNamespace
+
+    from bench.measure.efficiency import efficiency
+    from bench.methods.grounding.frame_skip import FrameSkip
+
+    model = FrameSkip(FrameSkip.Params()).init_student(smoke_task.teacher(), None, SimpleNamespace(seed=0))
+    eff = efficiency(model, smoke_task, {"device": "cpu", "threads": 1}, measure_runtime=False)
+    assert eff["flops_per_sample"] > 0 and eff["training_flops_per_sample"] is None
+    assert "no trainable parameters" in eff["errors"]["training_flops"]
 
 
 needs_real = pytest.mark.skipif(not (SHARED / "charades_sta" / "charades_sta_test.txt").is_file(),
