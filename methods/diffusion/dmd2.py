@@ -86,6 +86,14 @@ if TYPE_CHECKING:
 NUM_TRAIN_TIMESTEPS = 1000
 
 
+def check_step_range(params: Any) -> Any:
+    """Refuse a DM-loss step range whose lowest step (``min_step_percent`` of 1000) exceeds its highest."""
+    if int(params.min_step_percent * NUM_TRAIN_TIMESTEPS) > int(params.max_step_percent * NUM_TRAIN_TIMESTEPS):
+        raise ValueError(f"min_step_percent ({params.min_step_percent}) must not exceed max_step_percent "
+                         f"({params.max_step_percent})")
+    return params
+
+
 def generator_steps(steps: int, total: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """The code's ``denoising_step_list`` = range(total - 1, 0, -(total // steps)), first ``steps`` entries
     (1 step: [999]; 4 steps: [999, 749, 499, 249])."""
@@ -228,10 +236,7 @@ class DMD2(Method):
 
         @model_validator(mode="after")
         def _range(self) -> "DMD2.Params":
-            if int(self.min_step_percent * NUM_TRAIN_TIMESTEPS) > int(self.max_step_percent * NUM_TRAIN_TIMESTEPS):
-                raise ValueError(f"min_step_percent ({self.min_step_percent}) must not exceed max_step_percent "
-                                 f"({self.max_step_percent})")
-            return self
+            return check_step_range(self)
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)

@@ -187,18 +187,25 @@ class GenEval(GenerativeTask):
     def load_train(self) -> tuple[np.ndarray, torch.Tensor, str]:
         import hashlib
 
-        import numpy as np
-
         from . import render
 
-        n = TIERS[self.tier]["train_size"]
-        rng = np.random.default_rng(2023)
-        metas = P.train_prompts(rng, n, P.SHAPES)
+        rng, metas = self._train_draw()
         images = render.render_batch(metas, rng, self.image_size)
         conds = self.tokenizer.batch([m["prompt"] for m in metas])
         h = hashlib.sha256(images.tobytes())
         h.update(conds.numpy().tobytes())
         return images, conds, h.hexdigest()
+
+    def _train_draw(self) -> tuple[np.random.Generator, list[dict]]:
+        import numpy as np
+
+        rng = np.random.default_rng(2023)
+        return rng, P.train_prompts(rng, TIERS[self.tier]["train_size"], P.SHAPES)
+
+    def train_metadata(self) -> list[dict]:
+        """GenEval metadata of the training prompts (smoke, small), in the order of the training split: what a
+        method's reward (GenEval's rules on the task's detector) judges a sample of example i against."""
+        return self._train_draw()[1]
 
     def eval_conditions(self, n: int) -> torch.Tensor:
         """Each evaluation prompt ``IMAGES_PER_PROMPT`` times, in order (cycled if more are asked for)."""
