@@ -307,7 +307,7 @@ class DMD2(Method):
         feat, self._mid = self._mid, None
         return head(feat.float()).flatten(1)
 
-    def _dm_loss(self, x: torch.Tensor, cond: Any, ctx: StepContext) -> torch.Tensor:
+    def distribution_matching_loss(self, x: torch.Tensor, cond: Any, ctx: StepContext) -> torch.Tensor:
         import torch
 
         score = self.fake["score"]
@@ -339,7 +339,7 @@ class DMD2(Method):
         losses: dict[str, torch.Tensor] = {}
         log: dict[str, float] = {}
         if generator_turn:
-            loss_dm = self._dm_loss(x, cond, ctx)
+            loss_dm = self.distribution_matching_loss(x, cond, ctx)
             loss = p.dm_loss_weight * loss_dm
             log["loss_dm"] = float(loss_dm.detach())
             if p.gan:

@@ -224,6 +224,33 @@ def geneval_reward(images: torch.Tensor, metas: list[dict]) -> torch.Tensor:
                          for a, m in zip(arrays, metas)], device=images.device)
 
 
+def reward_kind(task: Any) -> str | None:
+    """Which tier-computable reward a task offers: "geneval" (GenEval's rules on the shape detector), "classifier"
+    (the teacher-classifier stand-in of class-conditional tasks) or None (the full tier, other tasks)."""
+    if getattr(task, "tier", None) == "full":
+        return None
+    if getattr(task, "name", None) == "geneval":
+        return "geneval"
+    if "num_classes" in (task.net_condition() if hasattr(task, "net_condition") else {}):
+        return "classifier"
+    return None
+
+
+def task_reward(task: Any, classifier_time: float, method: str) -> Callable[..., torch.Tensor]:
+    """``reward(x, index, cond, ctx)``: the reward in [0, 1] of samples ``x`` of the training examples ``index``
+    with conditions ``cond`` (`reward_kind`); the classifier's teacher passes are counted through ``ctx``."""
+    kind = reward_kind(task)
+    if kind == "geneval":
+        metas = geneval_train_metadata(task)
+        return lambda x, index, cond, ctx: geneval_reward(x, [metas[int(i)] for i in index])
+    if kind == "classifier":
+        n = int(task.net_condition()["num_classes"])
+        return lambda x, index, cond, ctx: ctx.run_teacher(
+            lambda T: teacher_class_posterior(T, x, cond, n, classifier_time), n_examples=n * x.shape[0])
+    raise BenchError(f"{method}: no reward for this task (the geneval shape task and class-conditional coco_fid, "
+                     "smoke and small tiers)")
+
+
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
@@ -300,19 +327,9 @@ class HyperSD(Method):
         return None
 
     def unsupported(self, task: Task) -> str | None:
-        if self.params.reward_weight > 0 and (getattr(task, "tier", None) == "full" or self._reward_for(task) is None):
+        if self.params.reward_weight > 0 and (getattr(task, "tier", None) == "full" or reward_kind(task) is None):
             return ("hyper_sd's feedback reward exists for the geneval shape task and class-conditional coco_fid "
                     "(smoke, small tiers) only; set hyper_sd.reward_weight=0 here")
-        return None
-
-    @staticmethod
-    def _reward_for(task: Any) -> str | None:
-        if getattr(task, "tier", None) == "full":
-            return None
-        if getattr(task, "name", None) == "geneval":
-            return "geneval"
-        if "num_classes" in (task.net_condition() if hasattr(task, "net_condition") else {}):
-            return "classifier"
         return None
 
     # --- stages --------------------------------------------------------------------------------------
@@ -360,17 +377,9 @@ class HyperSD(Method):
         self.w = float(p.guidance if p.guidance is not None else getattr(task.params, "guidance", 1.0))
         if self.reward_fn is not None or p.reward_weight == 0:
             return
-        kind = self._reward_for(task)
-        if kind == "geneval":
-            metas = geneval_train_metadata(task)
-            self.reward_fn = lambda x, batch, c: geneval_reward(x, [metas[int(i)] for i in batch["index"]])
-        elif kind == "classifier":
-            n = int(task.net_condition()["num_classes"])
-            tc = p.classifier_time
-            self.reward_fn = lambda x, batch, c: c.run_teacher(
-                lambda T: teacher_class_posterior(T, x, batch["cond"], n, tc), n_examples=n * x.shape[0])
-        else:
-            raise BenchError("hyper_sd: no feedback reward for this task; set hyper_sd.reward_weight=0")
+        kind = reward_kind(task)
+        reward = task_reward(task, p.classifier_time, "hyper_sd")
+        self.reward_fn = lambda x, batch, c: reward(x, batch["index"], batch["cond"], c)
         self.reward_kind = kind
 
     # --- losses --------------------------------------------------------------------------------------
