@@ -412,6 +412,9 @@ class Method:
     #: harness builds the student with ``init_student`` and evaluates it without running the step budget; the
     #: record says 0 steps. Budget fairness is then in compute at inference, which the row reports.
     training_free: ClassVar[bool] = False
+    #: True for methods whose teacher only initialises the student and is never run during training (TwinFlow:
+    #: after the copy the model is its own teacher); their records show 0 teacher forward passes by design.
+    teacher_init_only: ClassVar[bool] = False
     #: False for methods whose teachers are their own earlier generations (self-distillation): the
     #: harness then neither builds nor loads the task's teacher for the cell.
     uses_task_teacher: ClassVar[bool] = True

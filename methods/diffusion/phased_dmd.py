@@ -7,7 +7,7 @@ Sources read:
   page): K SNR subintervals, a mixture of experts over time (one expert per phase), *progressive* distribution
   matching toward higher SNR, and "score matching within subintervals" with "rigorous mathematical derivations"
   of the objective. The method section itself could not be read.
-* **Code**: ModelTC/LightX2V @ f8aee98 (ModelTC is the authors' organisation; the paper's v3 project page names
+* **Code** (taken as the official code): ModelTC/LightX2V @ f8aee98 (ModelTC is the authors' organisation; the paper's v3 project page names
   a code release, and this repository's ``lightx2v_train`` holds the only Phased DMD trainer found in the stored
   GitHub index; whether it is the paper's exact release could not be confirmed) —
   ``lightx2v_train/lightx2v_train/trainers/phased_dmd/{math,rollout,trainer,config}.py``,

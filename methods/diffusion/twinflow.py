@@ -219,6 +219,7 @@ class TwinFlow(Method):
     name = "twinflow"
     version = "1"
     domains = frozenset({"diffusion"})
+    teacher_init_only = True  # the teacher only initialises the student (see the module docstring)
 
     class Params(Params):
         # tutorials/mnist/main.py: --estimate_order 2, --ema_decay_rate 0.99, --enhanced_ratio 0.5

@@ -86,13 +86,16 @@ def test_every_method_runs_on_every_task(smoke_matrix, cache_dir, task, subtask,
     eff = rec["efficiency"]
     assert eff["params"] > 0 and eff["flops_per_sample"] > 0 and eff["flops_uncounted"] == []
     assert rec["data"]["train"]["sha256"] and rec["hardware"]
-    training_free = registry.methods.get(method).training_free
-    if method not in ("teacher", "student") and not training_free:
+    cls_m = registry.methods.get(method)
+    training_free = cls_m.training_free
+    if method not in ("teacher", "student") and not training_free and not cls_m.teacher_init_only:
         # A cell reading teacher outputs a task keeps on disk (the lm task's top-k cache, built by the first
         # cell that needed it) runs no teacher pass itself; its record says the cache was used.
         assert (rec["training"]["teacher_forward_passes"] >= 1
                 or (rec["training"].get("teacher_cache") or {}).get("used"))
         assert rec["teacher"]["name"]
+    if cls_m.teacher_init_only:  # the teacher initialises the student and is never run afterwards
+        assert rec["training"]["teacher_forward_passes"] == 0 and rec["teacher"]["name"]
     if training_free:  # trains nothing: the record says 0 steps, whatever the budget
         assert rec["training"]["steps"] == 0 and rec["teacher"]["name"]
     elif method != "teacher":

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from bench.api import TaskEnv
-from bench.diffusion import Generator, Sampler, Schedule
 from bench.methods.diffusion.flash_dmd import (FlashDMD, ema_inject, gaussian_log_ratio, is_distill_step,
                                                preference_pairs, split_generator_steps, stage_plan, step_dpo_loss)
 from bench.train import train
+from _flow_nets import NULL, flow_gen, hand_u  # tests/unit/_flow_nets.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,43 +141,13 @@ def test_ema_injects_generator_weights_into_the_fake_score():
 # --------------------------------------------------------------------------------------------------
 
 
-NULL = 2
-E = [[0.5, -1.0], [1.0, 0.0], [0.1, 0.2]]  # class 0, class 1, null
-M = [0.2, -0.1]
-
-
-class LinearFlowNet(torch.nn.Module):
-    """u(x, tau, c) = a x + (tau / 1000) m + e[c] on 2-pixel images [B, 1, 1, 2]."""
-
-    def __init__(self, a: float) -> None:
-        super().__init__()
-        self.a = torch.nn.Parameter(torch.tensor(a))
-        self.register_buffer("m", torch.tensor(M).view(1, 1, 1, 2))
-        self.register_buffer("e", torch.tensor(E))
-
-    def null_condition(self, cond):
-        return torch.full_like(cond, NULL)
-
-    def forward(self, x, timestep, cond, guidance=None):
-        return self.a * x + (timestep / 1000.0).view(-1, 1, 1, 1) * self.m + self.e[cond].view(-1, 1, 1, 2)
-
-
-def u(z, t, c, a):
-    """The same velocity written out: a z + t m + e[c]."""
-    return a * z + t.view(-1, 1, 1, 1) * torch.tensor(M).view(1, 1, 1, 2) + torch.tensor(E)[c].view(-1, 1, 1, 2)
-
-
 def x0_of(z, t, c, a):
     """Flow schedule, velocity prediction: x0 = z - t u."""
-    return z - t.view(-1, 1, 1, 1) * u(z, t, c, a)
+    return z - t.view(-1, 1, 1, 1) * hand_u(z, t, c, a)
 
 
 def col(v):
     return v.view(-1, 1, 1, 1)
-
-
-def flow_gen(a):
-    return Generator(LinearFlowNet(a), schedule=Schedule("flow"), prediction="flow", sampler=Sampler())
 
 
 class FakeCtx(SimpleNamespace):
@@ -218,7 +188,7 @@ def test_distillation_step_is_the_dm_loss_at_one_high_noise_step_by_hand(seed):
     tau = torch.randint(20, 981, (4,)).float() / 1000  # DM noise levels U{20..980} / 1000
     x_t = (1 - col(tau)) * x + col(tau) * torch.randn_like(x)
     d_fake = x0_of(x_t, tau, c, 0.1)
-    u_c, u_n = u(x_t, tau, c, 0.3), u(x_t, tau, torch.full_like(c, NULL), 0.3)
+    u_c, u_n = hand_u(x_t, tau, c, 0.3), hand_u(x_t, tau, torch.full_like(c, NULL), 0.3)
     d_real = x_t - col(tau) * (u_n + 2.0 * (u_c - u_n))  # the teacher guided at w = 2
     p_real, p_fake = x - d_real, x - d_fake
     grad = (p_real - p_fake) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True)
@@ -228,7 +198,7 @@ def test_distillation_step_is_the_dm_loss_at_one_high_noise_step_by_hand(seed):
     # the fake score's denoising loss on sg(x): flow target eps - x at k / 1000, k ~ U{0..999}
     tf = torch.randint(0, 1000, (4,)).float() / 1000
     e2 = torch.randn_like(x)
-    pred = u((1 - col(tf)) * x + col(tf) * e2, tf, c, 0.1)
+    pred = hand_u((1 - col(tf)) * x + col(tf) * e2, tf, c, 0.1)
     assert losses["fake"].item() == pytest.approx((pred - (e2 - x)).pow(2).mean().item(), rel=1e-5)
     assert set(losses) == {"student", "fake"}  # gan=False: no discriminator
     assert m._last["dm_step"] == TIMES4[k] and m._last["distill_update"] == 1.0

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from bench.api import TaskEnv
-from bench.diffusion import Generator, Sampler, Schedule
 from bench.methods.diffusion.hyper_sd import (HyperSD, geneval_reward, geneval_train_metadata,
                                               reward_weighted_loss, segment_boundaries, segment_end, stage_plan,
                                               teacher_class_posterior, tscd_times)
 from bench.train import train
+from _flow_nets import NULL, flow_gen, hand_u  # tests/unit/_flow_nets.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,35 +110,6 @@ def test_reward_weighted_loss_by_hand():
     assert torch.allclose(pred.grad, _img((0.5, -0.5), (0.5, 0.0)))
     assert target.grad is None  # the sample is a fixed regression target
     assert reward_weighted_loss(pred, target, torch.zeros(2)).item() == 0.0  # reward 0: no pull
-
-
-NULL = 2
-E = [[0.5, -1.0], [1.0, 0.0], [0.1, 0.2]]  # class 0, class 1, null
-M = [0.2, -0.1]
-
-
-class LinearFlowNet(torch.nn.Module):
-    """u(x, tau, c) = a x + (tau / 1000) m + e[c] on 2-pixel images [B, 1, 1, 2]."""
-
-    def __init__(self, a: float) -> None:
-        super().__init__()
-        self.a = torch.nn.Parameter(torch.tensor(a))
-        self.register_buffer("m", torch.tensor(M).view(1, 1, 1, 2))
-        self.register_buffer("e", torch.tensor(E))
-
-    def null_condition(self, cond):
-        return torch.full_like(cond, NULL)
-
-    def forward(self, x, timestep, cond, guidance=None):
-        return self.a * x + (timestep / 1000.0).view(-1, 1, 1, 1) * self.m + self.e[cond].view(-1, 1, 1, 2)
-
-
-def hand_u(z, t, c, a):
-    return a * z + t.view(-1, 1, 1, 1) * torch.tensor(M).view(1, 1, 1, 2) + torch.tensor(E)[c].view(-1, 1, 1, 2)
-
-
-def flow_gen(a):
-    return Generator(LinearFlowNet(a), schedule=Schedule("flow"), prediction="flow", sampler=Sampler())
 
 
 def test_teacher_class_posterior_by_hand():
