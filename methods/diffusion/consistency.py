@@ -161,7 +161,24 @@ def consistency_target(teacher: Generator, target: Generator, x_t: torch.Tensor,
     return target.denoise(x_prev, s, cond, guidance_input=w)
 
 
-class Consistency(Method):
+class EMATargetState:
+    """Method state of an EMA consistency target (``self.target``, a `Generator` without an optimiser): its weights
+    and update count are saved; on resume the weights wait in ``self._pending`` until the target is rebuilt."""
+
+    target: Any
+    ema_updates: int
+    _pending: dict[str, Any] | None
+
+    def state_dict(self) -> dict[str, Any]:
+        ema = None if self.target is None else {k: v.detach().clone() for k, v in self.target.net.state_dict().items()}
+        return {"ema": ema, "ema_updates": self.ema_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state.get("ema")
+        self.ema_updates = int(state.get("ema_updates", 0))
+
+
+class Consistency(EMATargetState, Method):
     """Song et al. 2023 (ICML) consistency distillation, in Luo et al. 2023's latent-consistency (LCM) recipe."""
 
     name = "consistency"
@@ -295,13 +312,6 @@ class Consistency(Method):
         self.ema_updates += 1
         return {}
 
-    def state_dict(self) -> dict[str, Any]:
-        ema = None if self.target is None else {k: v.detach().clone() for k, v in self.target.net.state_dict().items()}
-        return {"ema": ema, "ema_updates": self.ema_updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = state.get("ema")
-        self.ema_updates = int(state.get("ema_updates", 0))
 
     def record_info(self) -> dict[str, Any]:
         p = self.params

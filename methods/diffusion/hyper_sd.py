@@ -79,7 +79,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bench import BenchError
 from bench.api import Generation, Method, Params, split_steps
-from bench.methods.diffusion.consistency import consistency_loss, ema_update
+from bench.methods.diffusion.consistency import EMATargetState, consistency_loss, ema_update
 from bench.methods.diffusion.dmd2 import NUM_TRAIN_TIMESTEPS, dm_gradient, dm_loss, fake_score_loss
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ def task_reward(task: Any, classifier_time: float, method: str) -> Callable[...,
 # --------------------------------------------------------------------------------------------------
 
 
-class HyperSD(Method):
+class HyperSD(EMATargetState, Method):
     """Ren et al. (NeurIPS 2024) Hyper-SD: trajectory-segmented consistency distillation 8 -> 4 -> 2 -> 1, a
     reward-weighted feedback stage and a one-step score-distillation stage, one student for 1/2/4/8 steps."""
 
@@ -464,15 +464,7 @@ class HyperSD(Method):
         self.ema_updates += 1
         return dict(self._last)
 
-    # --- state ---------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        ema = None if self.target is None else {k: v.detach().clone() for k, v in self.target.net.state_dict().items()}
-        return {"ema": ema, "ema_updates": self.ema_updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = state.get("ema")
-        self.ema_updates = int(state.get("ema_updates", 0))
-
+    # --- state (EMATargetState) and record ------------------------------------------------------------
     def record_info(self) -> dict[str, Any]:
         p = self.params
         return {"stages": [{"name": s.name, "kind": s.kind, "k": s.k, "steps": s.steps} for s in self.plan],
