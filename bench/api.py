@@ -496,6 +496,13 @@ class Method:
         """Method facts worth keeping in the run record (chosen teacher, final schedule values)."""
         return {}
 
+    def table_notes(self, task: Task) -> list[str]:
+        """Plain sentences a reader of this method's row must see under the leaderboard table: a deviation
+        from the paper or its code that changes the row's numbers on ``task``, or a degenerate schedule seen
+        in this run. Called once training ends; kept in the record as ``method_notes`` and printed under
+        every table holding the row (``bench.leaderboard``). Empty for most methods."""
+        return []
+
 
 class StepContext:
     """What a method sees during training. Built by the harness; see `bench.train`."""

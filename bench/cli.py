@@ -30,7 +30,10 @@ out_console = Console(soft_wrap=True)
 
 
 def _fail(exc: BenchError) -> typer.Exit:
-    console.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+    from rich.markup import escape
+
+    # escaped: a message may hold brackets that are not markup, e.g. pip install 'bench[ray]'
+    console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True, highlight=False)
     return typer.Exit(2)
 
 
@@ -173,28 +176,41 @@ def run(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache for trained teachers "
                                                                        "(default $BENCH_CACHE or ~/.cache/bench)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    executor: str = typer.Option("local", "--executor", help="Where cells run: local (one after another in this "
+                                                             "process) or ray (each cell a Ray task; needs "
+                                                             "pip install 'bench\\[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --executor ray: the cluster to "
+                                                                          "connect to (auto, HOST:PORT or "
+                                                                          "ray://HOST:10001); default: start a "
+                                                                          "local one on this machine's cores."),
 ) -> None:
     """Train and evaluate every (method, task, subtask, seed) cell, record it, and print the leaderboard."""
     from bench.config import resolve
+    from bench.executors import check_executor
     from bench.runner import check_data_root, default_cache_dir
 
     try:
+        check_executor(executor, ray_address)
         s = _build_suite(suite, methods, task, tier, seeds, steps, data_root, out, sets, profile)
         resolved = resolve(s)
         root = check_data_root(data_root or os.environ.get("BENCH_DATA") or s.data_root)
         from bench.profiles import select_profile
 
-        prof = select_profile(s.profile, allow_mismatch=allow_mismatch)
+        # On a remote Ray cluster this machine only schedules: each worker checks its own hardware instead.
+        prof = select_profile(s.profile, allow_mismatch=allow_mismatch or ray_address is not None)
     except BenchError as exc:
         raise _fail(exc) from None
-    code = _execute(resolved, root, cache_dir or default_cache_dir(), prof, force, quiet)
+    code = _execute(resolved, root, cache_dir or default_cache_dir(), prof, force, quiet, executor=executor,
+                    ray_address=ray_address, allow_mismatch=allow_mismatch)
     raise typer.Exit(code)
 
 
 def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool, quiet: bool,
-             print_tables: bool = True) -> int:
+             print_tables: bool = True, executor: str = "local", ray_address: str | None = None,
+             allow_mismatch: bool = False) -> int:
     from bench import leaderboard, progress, table as tables
-    from bench.runner import RunOptions, execute
+    from bench.executors import execute
+    from bench.runner import RunOptions
 
     out = Path(resolved.suite.out)
     opts = RunOptions(out=out, cache_dir=Path(cache_dir), data_root=root, profile=prof, force=force,
@@ -204,7 +220,7 @@ def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool,
     try:
         if reporter:
             reporter.open()
-        summary = execute(resolved, opts)
+        summary = execute(resolved, opts, executor, ray_address, allow_mismatch=allow_mismatch, quiet=quiet)
     except BenchError as exc:
         raise _fail(exc) from None
     finally:
@@ -452,7 +468,7 @@ def leaderboard_build(
 ) -> None:
     """Build one table per task family, tier and profile: <task>.md and .json, a CSV per table, Pareto
     plots (PNG, SVG) and one self-contained HTML page (index.html). Exit 2 on bad input, writing nothing."""
-    from bench.leaderboard import build_leaderboards
+    from bench.publish import build_leaderboards
 
     parts = ["bench leaderboard build", *(f"--from {_quote(s)}" for s in sources)]
     for flag, value in (("--task", task), ("--profile", profile), ("--tier", tier)):
@@ -500,7 +516,7 @@ def gate(
     """Compare current run records with a baseline under the suite's per-metric rules. Exit 1 on a
     regression, 0 otherwise, 2 on bad input (nothing written)."""
     from bench import gate as g
-    from bench.leaderboard import load_records
+    from bench.publish import load_records
     from bench.store import atomic_write_text
 
     try:

@@ -1,4 +1,4 @@
-"""Run records -> leaderboard tables: markdown, CSV, JSON, one static HTML page, Pareto plots.
+"""Run records -> leaderboard tables (the table model of `bench.table`, aggregated and annotated).
 
 One table per (task family, tier, hardware profile): tiers and profiles are never mixed in a table,
 because a smoke-tier number and a small-tier number, or a latency on two machines, are not comparable
@@ -30,8 +30,9 @@ generative students carry FLOPs per token and generation speed; their tables add
 (MFLOPs/token, tokens/s, time to first token). Tables without either are unchanged.
 
 ``bench run`` prints and writes the tables of its own records through `build_tables`, `to_markdown` and
-`write` (`bench.table`); ``bench leaderboard build`` goes through `build_leaderboards`, which adds the JSON, the HTML page
-(`bench.html`) and the Pareto plots (`bench.plots`).
+`write` (`bench.table`); ``bench leaderboard build`` goes through `bench.publish.build_leaderboards`, which
+reads record folders and adds the JSON, the HTML page (`bench.html`) and the Pareto plots (`bench.plots`).
+Imports run one way: publish -> leaderboard, html, plots -> table; this module never imports a renderer.
 
 Records are reduced to a small `_Rec` each and grouped in plain Python, with the intervals of every
 cell of every table computed in one vectorised numpy pass (`bench.stats.bootstrap_cis`), rather than
@@ -43,14 +44,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from bench import BenchError
 from bench.api import weak_teacher
 from bench.efficiency_cells import (
     COMPONENT_PREFIX,
@@ -60,7 +58,7 @@ from bench.efficiency_cells import (
     efficiency_columns,
     first_batch,
 )
-from bench.table import Column, Row, Table, Value, to_csv, to_dict, to_markdown
+from bench.table import Column, Row, Table, Value
 
 ROLE_ORDER = {"teacher": 0, "student": 1}
 #: What a tier's numbers are good for, stated under every table (DESIGN.md "Tiers").
@@ -110,6 +108,8 @@ class _Rec:
     score_spec: tuple[bool, float] = (True, 100.0)
     #: floors (`bench.api.weak_teacher`) this record's metrics do not beat; judged for teacher rows
     below_floor: tuple[dict[str, Any], ...] = ()
+    #: the method's own notes on its row (`bench.api.Method.table_notes`), printed under the table
+    method_notes: tuple[str, ...] = ()
 
 
 def _metric_columns(rec: dict[str, Any]) -> dict[str, tuple[float | None, bool, float, str]]:
@@ -137,7 +137,7 @@ def _scale_text(scale: float) -> str:
     return "x100" if scale == 100 else "as is" if scale == 1 else f"x{scale:g}"
 
 
-def _compact(rec: dict[str, Any]) -> _Rec:
+def compact_record(rec: dict[str, Any]) -> _Rec:
     c = rec["cell"]
     prof = rec.get("profile") or {}
     hw = rec.get("hardware") or {}
@@ -176,6 +176,7 @@ def _compact(rec: dict[str, Any]) -> _Rec:
         score_spec=_score_spec(rec),
         below_floor=tuple(weak_teacher(rec.get("metrics") or {}, rec.get("metric_specs") or []))
         if status == "ok" and c["method"] == "teacher" else (),
+        method_notes=tuple(str(n) for n in rec.get("method_notes") or ()),
     )
 
 
@@ -198,10 +199,10 @@ def _subtask_order(task: str, seen: list[str]) -> list[str]:
 
 def build_tables(records: Iterable[dict[str, Any]], method_order: list[str] | None = None) -> list[Table]:
     """One `Table` per (task, tier, profile) of ``records`` (full run records as `bench.store` reads them)."""
-    return _tables(_dedupe([_compact(r) for r in records])[0], method_order)
+    return tables_of(dedupe([compact_record(r) for r in records])[0], method_order)
 
 
-def _dedupe(recs: list[_Rec]) -> tuple[list[_Rec], list[str]]:
+def dedupe(recs: list[_Rec]) -> tuple[list[_Rec], list[str]]:
     """One record per cell id (the newest by ``created`` when several folders hold the same cell)."""
     by_id: dict[str, _Rec] = {}
     dupes: list[str] = []
@@ -215,7 +216,7 @@ def _dedupe(recs: list[_Rec]) -> tuple[list[_Rec], list[str]]:
     return list(by_id.values()), dupes
 
 
-def _tables(recs: list[_Rec], method_order: list[str] | None) -> list[Table]:
+def tables_of(recs: list[_Rec], method_order: list[str] | None) -> list[Table]:
     groups: dict[tuple[str, str, str], list[_Rec]] = defaultdict(list)
     for r in recs:
         groups[(r.task, r.tier, r.profile)].append(r)
@@ -246,9 +247,12 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
     if agg_name in subtasks or agg_name in {k for k, *_ in EFFICIENCY}:
         agg_name = f"{agg_name} (aggregate)"
     hib, scale = next((r.score_spec for r in recs if r.status == "ok"), (True, 100.0))
+    # One subtask: its score *is* the aggregate, so the table shows one column (carrying the subtask's mark).
+    single = subtasks[0] if len(subtasks) == 1 else None
     columns = [Column(s, f"{s}{marks.get(s, '')}", "subtask", f"subtask score {_scale_text(scale)}", hib, scale)
-               for s in subtasks]
-    columns.append(Column(agg_name, agg_name, "aggregate", _scale_text(scale), hib, scale))
+               for s in subtasks if s != single]
+    columns.append(Column(agg_name, f"{agg_name}{marks.get(single, '')}" if single else agg_name, "aggregate",
+                          _scale_text(scale), hib, scale))
     metric_specs: dict[str, tuple[bool, float, str]] = {}
     for r in recs:
         for name, (_, hib, scale, desc) in r.metric_cols.items():
@@ -283,6 +287,10 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
         cells = rows_recs[(method, verified)]
         row = _row(method, verified, cells, subtasks, scored, agg_name,
                    [c for c in columns if c.kind in ("metric", "efficiency")], scale)
+        if single:  # the aggregate column stands for the one subtask, its failed and skipped counts included
+            sv = row.values.pop(single)
+            row.values[agg_name].failed, row.values[agg_name].skipped = sv.failed, sv.skipped
+            row.samples.pop(single, None)
         rows.append(row)
         for r in sorted(cells, key=lambda r: (subtasks.index(r.subtask), r.seed)):
             if r.status != "ok":
@@ -431,6 +439,28 @@ def _weak_teacher_notes(recs: list[_Rec], subtasks: list[str]) -> list[str]:
     return out
 
 
+def _sentence(text: str) -> str:
+    return text if text.rstrip()[-1:] in ".!?)" else text + "."
+
+
+def _method_notes(table: Table, recs: list[_Rec]) -> list[str]:
+    """One line per row whose method left notes in its records (`Method.table_notes`), in row order; a note
+    that only some of the row's records carry says on how many it holds."""
+    out = []
+    for row in table.rows:
+        cells = [r for r in recs if r.method == row.method and r.verified == row.verified and r.status == "ok"]
+        counts: dict[str, int] = {}
+        for r in cells:
+            for n in dict.fromkeys(r.method_notes):
+                counts[n] = counts.get(n, 0) + 1
+        if counts:
+            text = " ".join(_sentence(n) if k == len(cells)
+                            else f"{n.rstrip().rstrip('.')} (in {k} of its {len(cells)} records)."
+                            for n, k in counts.items())
+            out.append(f"{row.label}: {text}")
+    return out
+
+
 def _footnotes(
     table: Table,
     recs: list[_Rec],
@@ -452,9 +482,10 @@ def _footnotes(
         f"fewer than these shows how many (k/{len(scored)}) and is not ranked."
     ]
     out += _weak_teacher_notes(recs, subtasks)
+    out += _method_notes(table, recs)
     for s in subtasks:
         if s in notes:
-            out.append(f"{marks[s]} {s}: {' '.join(n if n.rstrip()[-1:] in '.!?)' else n + '.' for n in notes[s])}")
+            out.append(f"{marks[s]} {s}: {' '.join(_sentence(n) for n in notes[s])}")
     shape = f" (declared input: {', '.join(sorted(inputs))})" if inputs else ""
     metric_cols = [c for c in table.columns if c.kind == "metric"]
     gen_cols = [c for c in table.columns if c.kind == "efficiency" and (
@@ -511,251 +542,3 @@ def _footnotes(
         )
     out.append(f"Tier: {TIER_NOTES.get(table.tier, table.tier)}.")
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Formatting
-# --------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------
-# bench leaderboard build
-# --------------------------------------------------------------------------------------------------
-
-
-def record_files(roots: Sequence[Path]) -> list[str]:
-    """Record JSON files under each root: a run folder (its ``records/``), a records folder, or a file."""
-    files: list[str] = []
-    for root in roots:
-        root = Path(root)
-        if root.is_file():
-            files.append(str(root))
-        elif (root / "records").is_dir():
-            files.extend(_walk(root / "records"))
-        elif root.is_dir():
-            files.extend(_walk(root))
-        else:
-            raise BenchError(
-                f"--from {root}: no such file or folder (give a run folder such as runs/, its records/ "
-                "folder, or a record JSON file)"
-            )
-    return files
-
-
-def _walk(folder: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        out.extend(
-            os.path.join(dirpath, f)
-            for f in sorted(filenames)
-            if f.endswith(".json") and not f.startswith(".")
-        )
-    return out
-
-
-def load_records(roots: Sequence[Path], compact: bool = False) -> tuple[list[Any], list[str]]:
-    """Every run record under ``roots`` and the JSON files that were skipped as not records (with why).
-
-    With ``compact``, each record is reduced to what the tables need as soon as it is parsed: 10,000 full
-    records are about half a gigabyte of Python objects, and the garbage collector's passes over them,
-    not the parsing, dominated the build time. The collector is paused while records are read (JSON has
-    no reference cycles to collect)."""
-    import gc
-
-    try:  # orjson parses records faster than the standard library
-        from orjson import loads as fast_loads
-    except ImportError:
-        fast_loads = json.loads
-    records, skipped = [], []
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for path in record_files(roots):
-            try:
-                with open(path, "rb") as fh:
-                    blob = fh.read()
-                try:
-                    data = fast_loads(blob)
-                except ValueError:  # e.g. NaN, which Python's json writes and orjson refuses
-                    data = json.loads(blob)
-            except (OSError, ValueError) as exc:
-                skipped.append(f"{path}: not readable JSON ({type(exc).__name__})")
-                continue
-            if not isinstance(data, dict) or not isinstance(data.get("cell"), dict) or "status" not in data:
-                skipped.append(f"{path}: not a bench run record")
-                continue
-            try:
-                records.append(_compact(data) if compact else data)
-            except (KeyError, TypeError, ValueError) as exc:
-                skipped.append(f"{path}: malformed record ({type(exc).__name__}: {exc})")
-    finally:
-        if enabled:
-            gc.enable()
-    return records, skipped
-
-
-@dataclass
-class BuildResult:
-    tables: list[Table]
-    files: list[Path]
-    skipped: list[str]
-    duplicates: list[str]
-
-
-def select(
-    records: list[_Rec],
-    roots: Sequence[Path],
-    tasks: list[str] | None,
-    profiles: list[str] | None,
-    tiers: list[str] | None,
-) -> list[_Rec]:
-    """Apply the --task/--profile/--tier filters; an unknown value is a BenchError naming the valid ones."""
-    where = ", ".join(str(r) for r in roots)
-    if not records:
-        raise BenchError(
-            f"no run records under {where} (bench run writes them to <out>/records/<task>/<subtask>/"
-            "*.json; give --from a run folder, its records/ folder or record files)"
-        )
-    for name, wanted, get in (
-        ("--task", tasks, lambda r: r.task),
-        ("--profile", profiles, lambda r: r.profile),
-        ("--tier", tiers, lambda r: r.tier),
-    ):
-        if not wanted:
-            continue
-        present = sorted({get(r) for r in records})
-        unknown = [w for w in wanted if w not in present]
-        if unknown:
-            import difflib
-
-            hints = [
-                f"{u!r}"
-                + (
-                    f" (did you mean {', '.join(close)}?)"
-                    if (close := difflib.get_close_matches(u, present, n=2, cutoff=0.5))
-                    else ""
-                )
-                for u in unknown
-            ]
-            raise BenchError(
-                f"{name} {', '.join(hints)}: no records with that value under {where}. "
-                f"Values present: {', '.join(present)}"
-            )
-        records = [r for r in records if get(r) in wanted]
-        if not records:  # the filters together exclude everything
-            raise BenchError(f"no records under {where} match the filters given")
-    return records
-
-
-def build_leaderboards(
-    roots: Sequence[Path],
-    out: Path,
-    *,
-    tasks: list[str] | None = None,
-    profiles: list[str] | None = None,
-    tiers: list[str] | None = None,
-    command: str | None = None,
-    plots: bool = True,
-) -> BuildResult:
-    """Read records, build every table, and write markdown/JSON per family, CSV per table, plots and HTML.
-
-    Everything is computed (and every filter checked) before the first file is written, so bad input
-    writes nothing."""
-    from bench.store import atomic_write_bytes
-
-    recs, skipped = load_records(roots, compact=True)
-    unique, dupes = _dedupe(select(recs, roots, tasks, profiles, tiers))
-    tables = _tables(unique, None)
-    written: list[Path] = []
-    plot_files: dict[str, dict[str, dict[str, bytes]]] = {}
-    if plots:
-        try:
-            from bench import plots as lplots
-        except ImportError as exc:  # matplotlib is in the report extra
-            note = (
-                f"Pareto plots not drawn: {exc.name or 'matplotlib'} is not installed "
-                "(pip install 'bench[report]')."
-            )
-            for t in tables:
-                t.plot_note = note
-        else:
-            for t in tables:
-                rendered = lplots.render_table(t)
-                plot_files[t.slug] = rendered
-                t.plots = {
-                    kind: {fmt: f"plots/{t.slug}-{kind}.{fmt}" for fmt in files}
-                    for kind, files in rendered.items()
-                }
-                if not rendered:
-                    t.plot_note = (
-                        "No Pareto plot: no row has both a quality score and the efficiency numbers."
-                    )
-    by_task: dict[str, list[Table]] = defaultdict(list)
-    for t in tables:
-        by_task[t.task].append(t)
-    header = _header(command)
-    outputs: list[tuple[Path, str | bytes]] = []
-    for task, ts in by_task.items():
-        n = sum(t.n_records for t in ts)
-        tiers = sorted(
-            {t.tier for t in ts}, key=lambda x: list(TIER_NOTES).index(x) if x in TIER_NOTES else 9
-        )
-        intro = (
-            f"{len(ts)} table(s) from {n} run records: one per tier and hardware profile. Data: "
-            f"[{task}.json]({task}.json); CSV per table; all tables on one page: [index.html](index.html)."
-        )
-        if tiers == ["smoke"]:
-            intro += (
-                "\n\n**Smoke tier only**: generated data and tiny random-initialised models. These "
-                "tables show "
-                "that the harness runs end to end and what it reports; they say nothing about how "
-                "the methods "
-                "compare on real data."
-            )
-        md = [header, f"# {task} leaderboard", "", intro, ""]
-        for t in ts:
-            md.append(f"CSV: [{t.slug}.csv]({t.slug}.csv)\n")
-            md.append(to_markdown(t, heading="##"))
-        outputs.append((out / f"{task}.md", "\n".join(md)))
-        outputs.append(
-            (
-                out / f"{task}.json",
-                json.dumps(
-                    {
-                        "schema_version": 1,
-                        "generated_by": command,
-                        "task": task,
-                        "tables": [to_dict(t) for t in ts],
-                    },
-                    indent=1,
-                    allow_nan=False,
-                    default=str,
-                )
-                + "\n",
-            )
-        )
-        for t in ts:
-            outputs.append((out / f"{t.slug}.csv", to_csv(t)))
-    for slug, kinds in plot_files.items():
-        for kind, files in kinds.items():
-            for fmt, data in files.items():
-                outputs.append((out / "plots" / f"{slug}-{kind}.{fmt}", data))
-    from bench import html
-
-    outputs.append((out / "index.html", html.page(tables, plot_files, command)))
-    for path, content in outputs:
-        atomic_write_bytes(path, content if isinstance(content, bytes) else content.encode("utf-8"))
-        written.append(path)
-    return BuildResult(tables, written, skipped, dupes)
-
-
-def _header(command: str | None) -> str:
-    cmd = command or "bench leaderboard build"
-    return (
-        "<!-- Generated by bench from run records. Do not edit by hand: regenerate with the command "
-        "below. -->\n"
-        f"Regenerate with: `{cmd}`\n"
-    )
-
-

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import bench
 from bench import BenchError, progress, registry
@@ -227,9 +227,10 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
             rec["training"]["shared"] = {"trained_in": cell.id, "key": shared[1], "reused": False,
                                          "note": f"one training serves every subtask of {cell.task}; each of its "
                                                  f"records carries this one training's cost"}
-            _save_trained(shared[0], model, rec["training"], method.record_info(), cell.id)
+            _save_trained(shared[0], model, rec["training"], method.record_info(), method.table_notes(task), cell.id)
             opts.trained_here.add(shared[1])
     rec["method_info"] = reused["method_info"] if reused is not None else method.record_info()
+    rec["method_notes"] = list(reused.get("method_notes") or []) if reused is not None else method.table_notes(task)
     rec["efficiency"] = efficiency(model, task, opts.profile, measure_runtime=measure)
     if method.role != "teacher":
         rec["training"]["estimated_flops"] = _training_flops(rec, teacher, task, opts)
@@ -273,11 +274,12 @@ def _load_trained(shared: tuple[Path, str], opts: RunOptions) -> dict[str, Any] 
     return saved
 
 
-def _save_trained(path: Path, model: Any, training: dict[str, Any], method_info: dict[str, Any], cell_id: str) -> None:
+def _save_trained(path: Path, model: Any, training: dict[str, Any], method_info: dict[str, Any],
+                  method_notes: list[str], cell_id: str) -> None:
     from bench.train import _save_checkpoint
 
     _save_checkpoint(path, {"model": model, "training": training, "method_info": method_info,
-                            "trained_in": cell_id, "key": training["shared"]["key"]})
+                            "method_notes": method_notes, "trained_in": cell_id, "key": training["shared"]["key"]})
 
 
 def _training_flops(rec: dict[str, Any], teacher: Any, task: Task, opts: RunOptions) -> dict[str, Any]:
@@ -320,45 +322,77 @@ def _nfe(model: Any) -> int:
     return int(getattr(sampler, "nfe", 1) or 1)
 
 
-def execute(resolved: Resolved, opts: RunOptions) -> RunSummary:
-    """Run every cell of ``resolved``; records and checkpoints go under ``opts.out``."""
-    suite = resolved.suite
-    store = Store(opts.out)
-    summary = RunSummary()
-    profile_id = opts.profile["id"]
-    provenance = {"versions": package_versions(), "git": git_state(), "environment": environment(),
-                  "hardware": opts.profile.get("hardware", {})}
+def run_provenance(opts: RunOptions) -> dict[str, Any]:
+    """What every record of this process says about where it ran: package versions, the checkout's git state,
+    the environment variables that matter and the hardware fingerprint of ``opts.profile``."""
+    return {"versions": package_versions(), "git": git_state(), "environment": environment(),
+            "hardware": opts.profile.get("hardware", {})}
+
+
+def set_threads(profile: dict[str, Any]) -> None:
+    """Training and measurement both run with the profile's thread count."""
     import torch
 
-    # Training and measurement both run with the profile's thread count.
-    torch.set_num_threads(int(opts.profile.get("threads") or torch.get_num_threads()))
-    n_cells = sum(len(subs) for _, subs in resolved.tasks) * len(resolved.method_params) * len(suite.seeds)
-    with progress.bar("Cells", n_cells) as overall:
-        done = 0
-        for task_name, subtasks in resolved.tasks:
-            task_cls = registry.tasks.get(task_name)
-            for sub in subtasks:
-                env = TaskEnv(tier=suite.tier, subtask=sub, data_root=opts.data_root, cache_dir=opts.cache_dir,
-                              device=opts.device)
-                task = task_cls(resolved.task_params[task_name], env)
-                for method_name, params in resolved.method_params.items():
-                    for seed in suite.seeds:
-                        cell = Cell(task_name, sub, method_name, suite.tier, profile_id, seed)
-                        summary.outcomes.append(_one(cell, task, method_name, params, resolved, opts, store,
-                                                     provenance))
-                        done += 1
-                        overall(done, cell.id)
+    torch.set_num_threads(int(profile.get("threads") or torch.get_num_threads()))
+
+
+def count_cells(resolved: Resolved) -> int:
+    return sum(len(subs) for _, subs in resolved.tasks) * len(resolved.method_params) * len(resolved.suite.seeds)
+
+
+def make_task(resolved: Resolved, opts: RunOptions, task_name: str, subtask: str) -> Task:
+    """The task object of one subtask, as every cell of that subtask sees it."""
+    env = TaskEnv(tier=resolved.suite.tier, subtask=subtask, data_root=opts.data_root, cache_dir=opts.cache_dir,
+                  device=opts.device)
+    return registry.tasks.get(task_name)(resolved.task_params[task_name], env)
+
+
+def cells(resolved: Resolved, opts: RunOptions) -> Iterator[tuple[Cell, Task]]:
+    """Every cell of ``resolved`` in run order (task, subtask, method, seed), with its subtask's task object
+    (built once per subtask, when its first cell comes up)."""
+    profile_id = opts.profile["id"]
+    for task_name, subtasks in resolved.tasks:
+        for sub in subtasks:
+            task = make_task(resolved, opts, task_name, sub)
+            for method_name in resolved.method_params:
+                for seed in resolved.suite.seeds:
+                    yield Cell(task_name, sub, method_name, resolved.suite.tier, profile_id, seed), task
+
+
+def execute(resolved: Resolved, opts: RunOptions) -> RunSummary:
+    """Run every cell of ``resolved`` one after another in this process (the local executor); records and
+    checkpoints go under ``opts.out``. `bench.executors` runs the same cells as Ray tasks."""
+    store = Store(opts.out)
+    summary = RunSummary()
+    provenance = run_provenance(opts)
+    set_threads(opts.profile)
+    with progress.bar("Cells", count_cells(resolved)) as overall:
+        for done, (cell, task) in enumerate(cells(resolved, opts), 1):
+            summary.outcomes.append(run_one(cell, task, resolved, opts, store, provenance))
+            overall(done, cell.id)
     return summary
 
 
-def _one(cell: Cell, task: Task, method_name: str, params: Any, resolved: Resolved, opts: RunOptions,
-         store: Store, provenance: dict[str, Any]) -> Outcome:
-    method_cls = registry.methods.get(method_name)
-    method: Method = method_cls(params)
+@dataclass
+class Planned:
+    """A cell that has to run: its method object, training budget and resolved configuration."""
+
+    method: Method
+    cfg: TrainConfig
+    config: dict[str, Any]
+
+
+def plan_cell(cell: Cell, task: Task, resolved: Resolved, opts: RunOptions, store: Store,
+              provenance: dict[str, Any]) -> Outcome | Planned:
+    """Decide a cell before running it: skipped (the method does not fit the task, or the task cannot run;
+    its record is written), failed to configure (record written), finished earlier with the same resolved
+    configuration (reused, unless ``opts.force``), or `Planned` — to run."""
+    method_cls = registry.methods.get(cell.method)
+    method: Method = method_cls(resolved.method_params[cell.method])
     path = store.record_path(cell)
     reason = None
     if task.domain not in method_cls.domains:
-        reason = (f"method {method_name} supports the {', '.join(sorted(method_cls.domains))} domain(s); "
+        reason = (f"method {cell.method} supports the {', '.join(sorted(method_cls.domains))} domain(s); "
                   f"task {cell.task} is {task.domain}")
     reason = reason or method.unsupported(task) or task.unavailable()
     if reason:
@@ -372,27 +406,49 @@ def _one(cell: Cell, task: Task, method_name: str, params: Any, resolved: Resolv
         cfg = method_train_config(train_config(task, resolved), method)
         config = cell_config(cell, task, method, cfg)
         chash = config_hash(config)
-        if not opts.force and store.finished(cell, chash):
-            return Outcome(cell, "ok", path, reused=True)
-        rt = resolved.suite.runtime
-        rec = run_cell(cell, task, method, cfg, opts, store, rt.measure, rt.checkpoint_every, rt.checkpoint_seconds,
-                       provenance)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of one cell is recorded, the run goes on
-        rec = _base_record(cell, opts, config)
-        reason = f"{type(exc).__name__}: {exc}"
-        rec.update(status="failed", reason=reason, traceback=traceback.format_exc(), **provenance)
-        store.write(cell, rec)
-        progress.log(f"[red]failed[/red] {cell.id}: {reason}")
-        return Outcome(cell, "failed", path, reason=reason)
+        return record_failure(cell, opts, store, config, provenance, exc)
+    if not opts.force and store.finished(cell, chash):
+        return Outcome(cell, "ok", path, reused=True)
+    return Planned(method, cfg, config)
+
+
+def run_one(cell: Cell, task: Task, resolved: Resolved, opts: RunOptions, store: Store,
+            provenance: dict[str, Any]) -> Outcome:
+    """Decide (`plan_cell`) and, when it has to, run one cell and write its record; remove its checkpoint once
+    the record is written. The one function both executors call for a cell."""
+    planned = plan_cell(cell, task, resolved, opts, store, provenance)
+    if isinstance(planned, Outcome):
+        return planned
+    try:
+        rt = resolved.suite.runtime
+        rec = run_cell(cell, task, planned.method, planned.cfg, opts, store, rt.measure, rt.checkpoint_every,
+                       rt.checkpoint_seconds, provenance)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of one cell is recorded, the run goes on
+        return record_failure(cell, opts, store, planned.config, provenance, exc)
     store.write(cell, rec)
     ckpt_dir = store.checkpoint_dir(cell)
     if ckpt_dir.exists():
         import shutil
 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return Outcome(cell, "ok", path)
+    return Outcome(cell, "ok", store.record_path(cell))
+
+
+def record_failure(cell: Cell, opts: RunOptions, store: Store, config: dict[str, Any] | None,
+                   provenance: dict[str, Any], exc: BaseException, tb: str | None = None) -> Outcome:
+    """Write the failed record of ``cell`` (``exc`` and its traceback) and return its outcome."""
+    rec = _base_record(cell, opts, config)
+    reason = f"{type(exc).__name__}: {exc}"
+    rec.update(status="failed", reason=reason, traceback=tb if tb is not None else traceback.format_exc(),
+               **provenance)
+    store.write(cell, rec)
+    progress.log(f"[red]failed[/red] {cell.id}: {reason}")
+    return Outcome(cell, "failed", store.record_path(cell), reason=reason)
 
 
 def default_cache_dir() -> Path:

@@ -11,7 +11,9 @@ from torch import nn
 class LogitDiscriminator(nn.Module):
     """MEAL V2's discriminator (szq0214/MEAL-V2 ``models/discriminator.py``): 1x1 convolutions on the logit
     vector, C -> C/K -> C/K^2 -> 2, a ReLU after every layer including the last. Hidden widths are floored
-    at ``min_width`` (a documented deviation for label spaces smaller than K^2)."""
+    at ``min_width`` layer by layer, C -> max(C//K, m) -> max(that//K, m) -> 2 (a documented deviation: with
+    K = 8, m = 8 the second hidden layer is wider than the official code's for every label space below 512
+    classes; at 512 and above the shape is the official one)."""
 
     def __init__(self, num_classes: int, k: int = 8, min_width: int = 8) -> None:
         super().__init__()

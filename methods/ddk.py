@@ -9,7 +9,10 @@ What is implemented (p teacher, q student; domains declared by the task, ``Task.
 * **Domain discrepancy factor** (paper section 3.2): on each domain's held-out text, the student's and the
   teacher's perplexities l_S[i] = exp(CE_S(V_i)) and l_T[i] = exp(CE_T(V_i)); then
   r[i] = exp(l_S[i] / l_T[i]) / sum_j exp(l_S[j] / l_T[j]) (a softmax of the perplexity ratios): a larger
-  r[i] means a larger student deficit in domain i. r_0 is computed before the first step.
+  r[i] means a larger student deficit in domain i. r_0 is computed before the first step and is this
+  softmax alone, with no uniform mixing: the paper defines the factor by the softmax (section 3.2) and
+  brings in the (1 - alpha)/N term only in its smooth-updating equation for r_{t+1} (section 3.3), to
+  steady successive updates; it gives r_0 no other form. That is our reading of the text (no code exists).
 * **Factor smooth updating** (section 3.3), every K steps (t indexes intervals):
   psi_{t+1}[i] = r_t[i] * exp(l_S^{t+1}[i] / l_T^{t+1}[i]),
   r_{t+1}[i] = alpha * psi_{t+1}[i] / sum_j psi_{t+1}[j] + (1 - alpha) / N, alpha = 0.5.
@@ -25,6 +28,27 @@ What is implemented (p teacher, q student; domains declared by the task, ``Task.
 
 Defaults (paper section 4.1 and the ablations): K = 1000 steps out of about 30k (15B tokens), alpha = 0.5,
 gamma = 0.2 (chosen from {0, 0.1, 0.2, 0.3, 0.5}), T = 1.0, 500 validation samples per domain.
+
+**The premise, and when it fails** (``weight_report``, in ``record_info()`` and ``table_notes``). The paper's
+students are pretrained LLMs whose perplexities are within a small factor of the teacher's (ratios
+l_S/l_T near 1-3), so the softmax of the ratios is smooth. A student that starts far from the teacher
+(the lm task's smoke and small tiers: a randomly initialised student against a trained teacher; at the
+smoke tier the ratios are about 95-270 and differ by tens between domains) makes r_0 one-hot, and the
+multiplicative update keeps the data-driven part one-hot until the largest ratios come within a few
+units of each other (smoke tier, seeds 0-2: the first 4-5 of 34 updates, steps 0-12 of 100; by the end
+the ratios are 1.7-3.4 and the weights smooth). Every update is checked: its *adaptive part* a_t -- r_0 itself, and for t >= 1
+(r_t - (1 - alpha)/N) / alpha = psi_t / sum psi_t, the part the uniform term does not fix -- is
+degenerate when max a_t > 0.9 (``DEGENERATE_SHARE``). Why the adaptive part: after an update
+r <= alpha + (1 - alpha)/N (0.583 at alpha = 0.5, N = 6), so a threshold on r itself can only ever fire
+at r_0, while the later r sit at that corner (0.583 on one domain, the floor 0.083 elsewhere) whenever
+psi is one-hot. Why 0.9: it leaves the other N - 1 domains 0.1 of the adaptive mass together (about 1/8
+of their uniform share at N = 5-6), and a softmax reaches it only when one ratio exceeds the others by
+ln(0.9 (N - 1) / 0.1) = 3.8 (N = 6, the others equal); ratios within the paper's range 1-3 cannot
+differ by that much (the most a spread of 2 gives is e^2 / (e^2 + N - 1) = 0.6 at N = 6). The record
+keeps r, max r, the entropy (nats, and over ln N) and max a_t of every update, and a flag ``degenerate``
+with the reason in plain words; the leaderboard prints the reason under the row (``table_notes``). No
+option changes the premise: a warm-up of the student on the natural data mix before r_0 would replace the
+degenerate first intervals by steps that are not DDK's, so it is not implemented.
 
 Deviations: K is unset by default and resolved to the paper's *fraction* of the budget, K = max(1,
 round(steps / 30)) (1000 of ~30,000): a cell's budget here is hundreds of steps, and K = 1000 would never
@@ -68,6 +92,60 @@ def smooth_update(r: list[float], student_ppl: list[float], teacher_ppl: list[fl
     z = sum(psi)
     n = len(r)
     return [alpha * p / z + (1.0 - alpha) / n for p in psi]
+
+
+#: An update's weights are degenerate when their adaptive part puts more than this on one domain (see
+#: the module docstring for why 0.9 and why the adaptive part).
+DEGENERATE_SHARE = 0.9
+
+
+def entropy(r: list[float]) -> float:
+    """Shannon entropy of the weights, in nats (ln N for uniform weights, 0 for one-hot)."""
+    return -sum(x * math.log(x) for x in r if x > 0)
+
+
+def adaptive_part(r: list[float], alpha: float, initial: bool) -> list[float] | None:
+    """The part of ``r`` the data decide: r_0 itself; after an update, psi / sum psi =
+    (r - (1 - alpha)/N) / alpha (None at alpha = 0, where r is uniform)."""
+    if initial:
+        return list(r)
+    if alpha <= 0:
+        return None
+    n = len(r)
+    return [(x - (1.0 - alpha) / n) / alpha for x in r]
+
+
+def weight_report(history: list[dict[str, Any]], names: list[str], teacher_ppl: list[float] | None, alpha: float,
+                  threshold: float = DEGENERATE_SHARE) -> dict[str, Any]:
+    """Per update: r, max r and its domain, entropy (nats and over ln N), the adaptive part's max and the
+    perplexity ratios l_S/l_T; overall: the largest weight, ``degenerate`` and its reason in plain words."""
+    rows = []
+    for u, h in enumerate(history):
+        r = list(h["r"])
+        n = len(r)
+        a = adaptive_part(r, alpha, initial=u == 0)
+        top = max(range(n), key=lambda i: r[i])
+        t_ppl = h.get("teacher_ppl") or teacher_ppl
+        ratios = [s / t for s, t in zip(h["student_ppl"], t_ppl)] if t_ppl else None
+        rows.append({"update": u, "step": h["step"], "r": r, "max_r": r[top],
+                     "max_domain": names[top] if top < len(names) else top, "entropy": entropy(r),
+                     "normalized_entropy": entropy(r) / math.log(n) if n > 1 else 0.0,
+                     "adaptive_max": None if a is None else max(a), "ratios": ratios})
+    bad = [x for x in rows if x["adaptive_max"] is not None and x["adaptive_max"] > threshold]
+    reason = None
+    if bad:
+        first = bad[0]
+        ratio = (f"the student's perplexity ratios l_S/l_T were {min(first['ratios']):.3g}-{max(first['ratios']):.3g} "
+                 f"at update {first['update']} (a pretrained student, the paper's premise, has ratios near 1-3), so "
+                 if first["ratios"] else "")
+        reason = (f"{ratio}the domain weights were near one-hot at {len(bad)} of {len(rows)} updates (steps "
+                  f"{first['step']} to {bad[-1]['step']}): more than {threshold} of the data-driven part of r "
+                  f"(r_0 itself; after an update, the part above the uniform floor (1 - alpha)/N) went to one "
+                  f"domain (first at update {first['update']}: max r = {first['max_r']:.3g} on "
+                  f"{first['max_domain']}), so those intervals drew most of their samples from one domain "
+                  f"instead of the paper's smooth re-weighting")
+    return {"updates": rows, "max_r": max((x["max_r"] for x in rows), default=None), "threshold": threshold,
+            "degenerate": bool(bad), "degenerate_updates": [x["update"] for x in bad], "reason": reason}
 
 
 def allocate(weights: list[float], total: int) -> list[int]:
@@ -229,6 +307,32 @@ class DDK(Method):
         for k, v in copy.deepcopy(state).items():
             setattr(self, k, v)
 
+    def weights(self) -> dict[str, Any]:
+        """The domain-weight history and its degeneracy check (``weight_report``)."""
+        return weight_report(self.history, getattr(self, "names", []), self.teacher_ppl, self.params.smooth_alpha)
+
     def record_info(self) -> dict[str, Any]:
+        w = self.weights()
         return {"interval": self.K, "domains": getattr(self, "names", []), "final_r": self.r,
-                "teacher_ppl": self.teacher_ppl, "updates": self.history}
+                "teacher_ppl": self.teacher_ppl, "updates": self.history,
+                "r_history": [x["r"] for x in w["updates"]], "max_r": [x["max_r"] for x in w["updates"]],
+                "entropy": [x["entropy"] for x in w["updates"]],
+                "normalized_entropy": [x["normalized_entropy"] for x in w["updates"]],
+                "adaptive_max": [x["adaptive_max"] for x in w["updates"]], "max_weight": w["max_r"],
+                "degenerate": w["degenerate"], "degenerate_updates": w["degenerate_updates"],
+                "degenerate_threshold": w["threshold"], "degenerate_reason": w["reason"]}
+
+    def table_notes(self, task: Task) -> list[str]:
+        """One sentence when the weights were degenerate. It leaves out the per-seed perplexity ratios (they
+        are in ``record_info()["degenerate_reason"]``) so that seeds with the same pattern share one note."""
+        w = self.weights()
+        if not w["degenerate"]:
+            return []
+        bad = [w["updates"][u] for u in w["degenerate_updates"]]
+        top = max(bad, key=lambda x: x["max_r"])
+        return [f"the student started far from the teacher (perplexity ratios l_S/l_T far above a pretrained "
+                f"student's 1-3, DDK's premise), so its domain weights were near one-hot at {len(bad)} of "
+                f"{len(w['updates'])} updates (steps {bad[0]['step']} to {bad[-1]['step']}; max r = "
+                f"{top['max_r']:.2g} at update {top['update']}): more than {w['threshold']} of the data-driven "
+                f"part of r on one domain, so those intervals drew most of their samples from one domain instead "
+                f"of the paper's smooth re-weighting"]

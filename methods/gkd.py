@@ -20,6 +20,18 @@ What is implemented:
   -100``). The teacher runs on those samples; those passes are counted (they cannot come from the
   teacher-output cache). Otherwise the batch is the dataset's (off-policy, supervised KD), whose teacher
   outputs come from the task's cache.
+* **One teacher distribution for both step kinds.** Where the task keeps its teacher outputs in a top-k
+  store (``Task.teacher_store``; the lm task's ``bench.teacher_cache.TopKTeacherStore``, k =
+  ``teacher_topk``), the dataset steps read the store's rebuilt distribution, not the exact teacher. The
+  on-policy steps' live teacher logits are put through the store's own rule (``store_distribution``, which
+  calls the store's ``topk_compress`` and ``dense_log_probs``): p = softmax(z_T); the k largest log p
+  are kept (rounded to the store's value dtype, float16 below k = V), the mass left outside them is
+  1 - sum of the kept (rounded) probabilities, and it is spread uniformly over the other V - k tokens,
+  p~(v) = (1 - sum_topk p) / (V - k) (log floored at ``TAIL_FLOOR``); p~ sums to 1, nothing is
+  renormalised. So on-policy and dataset steps distil from the same p~ (the numbers the store would
+  hold for those sequences, up to the float noise of running the teacher on other batch shapes). With k = V (the lm smoke tier) or a task/teacher without a store
+  (live outputs, ``lm.teacher_cache=false``, a teacher that is not the task's) p~ is the teacher's exact
+  ``log_softmax`` and nothing changes. The rule in use is in ``record_info()["teacher_distribution"]``.
 * Defaults: TRL ``GKDConfig``: lmbda 0.5, beta 0.5, temperature 0.9; ``max_new_tokens`` defaults to the
   rest of the task's block (the lm task: a block's first half is the prompt, the student writes the
   second half).
@@ -29,8 +41,10 @@ every other method on the task; on-policy steps use the block's first half as th
 ``generate``). Sampled continuations are not cut at an end-of-text token (TRL masks after the first EOS):
 the lm task's corpus is packed documents separated by end-of-text, so text after it is a new document.
 The coin for on-policy steps is drawn from a generator seeded by (seed, step), so a resumed cell draws
-the same coins. ``seq_kd`` (teacher-generated sequences) is not implemented. The harness's optimiser
-and budget apply (TRL's examples use its own learning rate).
+the same coins. Below k = V, TRL's on-policy steps use the exact teacher; here they use the store's
+top-k distribution p~ (above), so that the two step kinds share one teacher distribution; the row's
+footnote says so (``table_notes``). ``seq_kd`` (teacher-generated sequences) is not implemented. The
+harness's optimiser and budget apply (TRL's examples use its own learning rate).
 """
 
 from __future__ import annotations
@@ -70,11 +84,34 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return per.sum(-1).mean()
 
 
+def store_rule(store: Any) -> tuple[int, Any] | None:
+    """(k, value dtype) of a task's top-k teacher store (``bench.teacher_cache.TopKTeacherStore``), or None
+    when the store is exact (k = V) or there is none (live teacher outputs): nothing to apply then."""
+    k, vocab = getattr(store, "k", None), getattr(store, "vocab_size", None)
+    if k is None or vocab is None or int(k) >= int(vocab):
+        return None
+    return int(k), store.values_dtype
+
+
+def store_distribution(teacher_logits: torch.Tensor, k: int, dtype: Any = None) -> torch.Tensor:
+    """The top-k store's rebuilt log-probabilities of ``teacher_logits`` [R, V]: the store's own
+    ``topk_compress`` (top k of log_softmax, values rounded to ``dtype``, log of the remaining mass) then
+    ``dense_log_probs`` (that mass spread uniformly over the other V - k tokens), exactly as
+    ``TopKTeacherStore.build`` and ``.outputs`` do for the dataset's sequences."""
+    import torch
+
+    from bench import teacher_cache as tc
+
+    vocab = teacher_logits.shape[-1]
+    values, indices, log_rest = tc.topk_compress(torch.log_softmax(teacher_logits.detach().float(), dim=-1), k, dtype)
+    return tc.dense_log_probs(values, indices, log_rest, vocab).to(teacher_logits.device)
+
+
 class GKD(Method):
     """Agarwal et al. 2024 (GKD): generalized JSD(beta) on student samples with probability lambda (TRL)."""
 
     name = "gkd"
-    version = "1"
+    version = "2"
     domains = frozenset({"lm"})
 
     class Params(Params):
@@ -89,11 +126,26 @@ class GKD(Method):
         super().__init__(params)
         self.on_policy_steps = 0
         self.steps = 0
+        self.rule: tuple[int, Any] | None = None  # the task's top-k store rule (store_rule), set in setup
+        self.vocab: int | None = None
+        self.resolved = False
 
     def unsupported(self, task) -> str | None:
         if type(task).generate is Task.generate:
             return f"GKD samples from the student; task {task.name} has no generate()"
         return None
+
+    def setup(self, ctx: StepContext) -> None:
+        self._resolve_rule(ctx)
+
+    def _resolve_rule(self, ctx: StepContext) -> None:
+        """The rule of the store the harness reads the dataset steps' teacher outputs from
+        (``ctx.teacher_outputs`` asks ``task.teacher_store`` for teacher 0, a pure function of the task and
+        the teacher; building the store object reads nothing)."""
+        store = ctx.task.teacher_store(ctx.teacher) if ctx.teacher is not None else None
+        self.rule = store_rule(store)
+        self.vocab = getattr(store, "vocab_size", None)
+        self.resolved = True
 
     def on_policy(self, seed: int, step: int) -> bool:
         """TRL: ``random.random() <= lmbda``; here from a generator seeded by (seed, step)."""
@@ -103,11 +155,15 @@ class GKD(Method):
         self.steps += 1
         if self.on_policy(ctx.seed, ctx.step):
             self.on_policy_steps += 1
+            if not self.resolved:  # setup resolves it; a caller that skipped setup gets it here
+                self._resolve_rule(ctx)
             n_new = self.params.max_new_tokens or (batch["input_ids"].shape[1] - getattr(ctx.task, "prompt_tokens", 0))
             sampled = ctx.task.generate(ctx.student, batch, max_new_tokens=max(1, n_new),
                                         temperature=self.params.temperature)
             out = ctx.task.forward(ctx.student, sampled)
             teacher_logits = ctx.run_teacher(lambda t: ctx.task.forward(t, sampled).logits, len(batch["index"]))
+            if self.rule is not None:  # the store's top-k distribution, as the dataset steps read it
+                teacher_logits = store_distribution(teacher_logits, *self.rule)
         else:
             out = ctx.student_outputs(batch)
             teacher_logits = ctx.teacher_outputs(batch).logits
@@ -122,4 +178,21 @@ class GKD(Method):
     def record_info(self) -> dict[str, Any]:
         return {"on_policy_steps": self.on_policy_steps, "steps": self.steps, "lmbda": self.params.lmbda,
                 "beta": self.params.beta, "temperature": self.params.temperature,
-                "off_policy_data": "the task's training sequences (teacher outputs from its cache)"}
+                "off_policy_data": "the task's training sequences (teacher outputs from its cache)",
+                "teacher_distribution": self._distribution_text()}
+
+    def _distribution_text(self) -> str:
+        if self.rule is None:
+            return "exact teacher softmax on both step kinds (no top-k store, or k = V)"
+        k, dtype = self.rule
+        return (f"top-{k} store rule on both step kinds: the {k} largest teacher probabilities kept ({dtype}), the "
+                f"remaining mass spread uniformly over the other {self.vocab - k} tokens; on-policy teacher logits "
+                f"are put through the same rule")
+
+    def table_notes(self, task: Task) -> list[str]:
+        if self.rule is None or self.on_policy_steps == 0:
+            return []
+        k = self.rule[0]
+        return [f"on-policy (student-sampled) steps distil from the teacher truncated by the same top-{k} rule as "
+                f"the teacher-output cache (top-{k} probabilities kept, the rest spread uniformly), not from the "
+                f"exact teacher as in TRL, so both step kinds share one teacher distribution"]

@@ -25,8 +25,13 @@ What is implemented, following the official code:
 
 Deviations: the optimiser and schedule are the task's (the harness keeps them equal across methods), not
 MEAL V2's SGD 0.01 -> 0.001 over 180 epochs at batch 512; the student starts from the task's
-initialisation, not from ImageNet-pretrained timm weights; D's hidden widths are floored at 8 so that
-label spaces smaller than K^2 (CIFAR-10) keep a working discriminator (identical for 1,000 classes).
+initialisation, not from ImageNet-pretrained timm weights; D's hidden widths are floored at ``min_width``
+= 8, each layer separately: C -> max(C // K, 8) -> max(max(C // K, 8) // K, 8) -> 2, where the official
+code has C -> C // K -> C // K // K -> 2. The floor keeps small label spaces from a zero-width layer
+(CIFAR-10: 10 -> 8 -> 8 -> 2 where the official code would give 10 -> 1 -> 0), but it changes the
+discriminator of *every* label space below 512 = 8 K^2 classes, not only of those below K^2: from 64 to
+511 classes the second hidden layer is 8 wide instead of C // 64 (100 classes: 100 -> 12 -> 8 -> 2, the
+official code 100 -> 12 -> 1 -> 2). From 512 classes on (1,000: 125 -> 15) it is the official shape.
 With a one-teacher pool the "ensemble" is that teacher.
 """
 
@@ -93,8 +98,9 @@ class MEALV2(Method):
         use_discriminator: bool = Field(True, description="add the jointly minimised logit discriminator loss")
         # K = 8: train.py create_discriminator_criterion, Discriminator(outputs_size=1000, K=8).
         reduction: int = Field(8, ge=2, le=64, description="width reduction K between discriminator layers")
-        min_width: int = Field(8, ge=2, le=1024, description="floor of the discriminator's hidden widths (deviation "
-                                                             "for small label spaces; no effect at 1,000 classes)")
+        min_width: int = Field(8, ge=2, le=1024, description="floor of each discriminator hidden width (a deviation: "
+                                                             "it widens the second layer below 512 classes; none "
+                                                             "at 512 and above, e.g. 1,000)")
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)

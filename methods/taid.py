@@ -20,6 +20,11 @@ What is implemented, following the official code:
   N = the cell's step budget), t <- min(t_end, max(t_lin, t + alpha * sigmoid(m) * (1 - t))),
   or t <- t_lin when ``adaptive`` is false; then prev <- loss.
 
+Classification (GLUE, ImageNet/CIFAR-10): the paper's experiments and the released code are language-model
+distillation only (instruction tuning of LMs); there is no classification setting to follow. On those
+tasks the defaults are the language-model ones above, unchanged (t_start 0.4, alpha 5e-4, beta 0.99,
+r = 1), over the class logits; the row's footnote says so (``table_notes``).
+
 Deviations, on purpose:
 
 * The official code also updates t on validation batches (``update_t`` is called in ``forward``
@@ -43,7 +48,7 @@ from bench.api import Method, Params
 if TYPE_CHECKING:
     import torch
 
-    from bench.api import Batch, StepContext
+    from bench.api import Batch, StepContext, Task
 
 
 def taid_target(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -150,3 +155,9 @@ class TAID(Method):
 
     def record_info(self) -> dict[str, Any]:
         return {"final_t": self.schedule.t, "final_momentum": self.schedule.momentum}
+
+    def table_notes(self, task: Task) -> list[str]:
+        if getattr(task, "domain", None) != "classification":
+            return []
+        return ["TAID's paper and code distil language models only and give no classification setting; on "
+                "this task its language-model defaults are used unchanged (t_start 0.4, alpha 5e-4, beta 0.99)"]

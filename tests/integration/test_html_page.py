@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_leaderboard_records import make_record, write_records
 
-from bench.leaderboard import build_leaderboards
+from bench.publish import build_leaderboards
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 

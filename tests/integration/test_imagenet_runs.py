@@ -141,7 +141,7 @@ def test_cifar10_small_tier_end_to_end(data_root, tmp_path, cache_dir):
     assert set(recs) == {"teacher", "student", "kd", "defensive"}
     for rec in recs.values():
         assert rec["status"] == "ok", rec.get("traceback")
-        assert set(rec["metrics"]) == {"top1", "top5", "fgsm_top1", "pgd_top1"}
+        assert set(rec["metrics"]) == {"top1", "top5", "fgsm_top1", "pgd_top1", "cw_top1", "cw_l2"}
         assert rec["efficiency"]["input"] == "3x32x32 image"
     assert recs["teacher"]["data"]["classes"] == 10 and recs["teacher"]["data"]["eval"]["test"]["used"] == 200
     assert recs["defensive"]["teacher"]["name"] == "self"

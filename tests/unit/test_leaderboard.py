@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from bench import BenchError
 from bench.cli import app
-from bench.leaderboard import build_leaderboards, build_tables
+from bench.leaderboard import build_tables
+from bench.publish import build_leaderboards
 from bench.table import cell_text, to_markdown, write
 from bench.stats import bootstrap_ci, bootstrap_cis
 
@@ -363,7 +364,38 @@ def test_duplicate_records_of_a_cell_keep_the_newest():
     new = make_record(score=0.7, created="2025-02-01T00:00:00+00:00")
     for recs in ([old, new], [new, old]):
         (table,) = build_tables(recs)
-        assert row(table, "kd").values["sst2"].mean == pytest.approx(70.0)
+        assert row(table, "kd").values["GLUE"].mean == pytest.approx(70.0)
+
+
+def test_a_single_subtask_table_shows_its_score_once_with_the_subtask_mark():
+    recs = [make_record(task="imagenet", subtask="val", method=m, seed=s, score=v, aggregate=("top1", "top-1"),
+                        notes=["smoke tier: generated images"])
+            for m, v in (("kd", 0.5), ("teacher", 0.6)) for s in (0, 1)]
+    recs.append(make_record(task="imagenet", subtask="val", method="taid", status="failed", reason="boom",
+                            aggregate=("top1", "top-1")))
+    (table,) = build_tables(recs)
+    assert [c.kind for c in table.columns].count("subtask") == 0
+    agg = next(c for c in table.columns if c.kind == "aggregate")
+    assert agg.label == "top1†"
+    md = to_markdown(table)
+    assert md.count("| 50.0") == 1 and "† val: smoke tier: generated images." in md
+    assert "val" not in row(table, "kd").values  # no hidden per-subtask copy in the JSON either
+    assert cell_text(agg, row(table, "taid").values["top1"], 0) == "failed"  # the failure still shows
+    # With two subtasks both columns and the aggregate stay.
+    (two,) = build_tables(two_method_records())
+    assert [c.key for c in two.columns][:3] == ["sst2", "rte", "GLUE"]
+
+
+def test_method_notes_are_printed_under_the_table_with_how_many_records_carry_them():
+    recs = two_method_records()
+    for r in recs:
+        if r["cell"]["method"] == "taid":
+            r["method_notes"] = ["the language-model defaults are used on classification"]
+            if r["cell"]["seed"] == 0 and r["cell"]["subtask"] == "sst2":
+                r["method_notes"].append("weights were one-hot")
+    md = to_markdown(build_tables(recs)[0])
+    assert "- taid: the language-model defaults are used on classification. weights were one-hot (in 1 of its 6 records)." in md
+    assert "- kd:" not in md and "- teacher:" not in md
 
 
 def test_records_with_nan_are_read(tmp_path):
@@ -423,3 +455,28 @@ def test_a_teacher_row_below_a_floor_is_flagged_under_the_table():
         if r["cell"]["method"] == "teacher":
             r["metrics"]["box_miou"] = 0.65
     assert "WEAK TEACHER" not in to_markdown(build_tables(recs)[0])
+
+
+def test_the_table_modules_import_one_way_and_stay_small():
+    # publish -> leaderboard, html, plots -> table: the builder never imports a renderer, and the table model
+    # and the renderers never import the builder or the publisher (no import cycle among them).
+    import ast
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse((REPO / "bench" / f"{module}.py").read_text(encoding="utf-8"))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return {n.removeprefix("bench.") for n in names if n.startswith("bench.")}
+
+    forbidden = {"table": {"leaderboard", "publish", "html", "plots"}, "html": {"leaderboard", "publish", "plots"},
+                 "plots": {"leaderboard", "publish", "html"}, "leaderboard": {"publish", "html", "plots"}}
+    for module, bad in forbidden.items():
+        assert not (imported(module) & bad), (module, imported(module) & bad)
+    assert {"leaderboard", "table"} <= imported("publish")
+    for module in ("table", "html", "plots", "leaderboard", "publish"):
+        assert len((REPO / "bench" / f"{module}.py").read_text(encoding="utf-8").splitlines()) <= 800, module

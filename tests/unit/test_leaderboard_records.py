@@ -94,7 +94,7 @@ def make_record(
         description="2 logical CPUs, fp32, 2 threads",
         mismatches=[] if verified else ["logical CPUs: profile declares 2, this process may use 4"],
     )
-    if status != "ok":  # as runner._one writes them: no results, only identity and provenance
+    if status != "ok":  # as runner.run_one writes them: no results, only identity and provenance
         for key in RESULT_KEYS:
             rec.pop(key, None)
         if status == "skipped":

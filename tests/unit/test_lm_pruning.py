@@ -1,5 +1,6 @@
 """MiniMA's structured pruning of causal LMs (methods/_lm_pruning.py): mask gradients equal the explicit
-masks', identity when nothing is pruned, exact layer dropping, width pruning into the smoke student."""
+masks' (heads, neurons, hidden dimensions; the hidden ones also in closed form on a residual-only model),
+identity when nothing is pruned, exact layer dropping, width pruning into the smoke student."""
 
 from __future__ import annotations
 
@@ -66,16 +67,128 @@ def test_head_and_neuron_importance_equal_explicit_mask_gradients(make):
     assert torch.allclose(scores["neurons"], neurons / 2, rtol=1e-4, atol=1e-7)
 
 
-def test_a_dead_hidden_dimension_has_no_importance():
-    teacher = _llama()
-    with torch.no_grad():  # dimension 5 carries nothing anywhere in the residual stream
-        teacher.model.embed_tokens.weight[:, 5] = 0
-        for blk in teacher.model.layers:
-            blk.self_attn.o_proj.weight[5] = 0
-            blk.mlp.down_proj.weight[5] = 0
-    scores = lp.importance(teacher, _batches(), _loss)
-    assert scores["hidden"][5].item() == pytest.approx(0.0, abs=1e-9)
-    assert (scores["hidden"] > 0).sum() == 31
+def _llama_residual_only():
+    """One Llama layer whose attention and FFN outputs are zero (o_proj = down_proj = 0): every position's
+    residual stream is its token's embedding row, so the hidden-dimension importance has a closed form."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=5, hidden_size=4, intermediate_size=4, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=True, rms_norm_eps=1e-6)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).eval()
+    E = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, 0.0, -1.0], [2.0, 1.0, 0.0, 1.0], [0.0, -1.0, 1.0, 1.0],
+                      [1.0, 1.0, 1.0, 0.0]]) * 0.5
+    w = torch.tensor([1.0, 0.5, 2.0, 1.5])
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(E)  # tied: also the output projection
+        model.model.norm.weight.copy_(w)
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    return model, E, w
+
+
+def test_hidden_importance_by_hand_and_the_dimensions_kept():
+    # MiniMA's hidden mask m (one per dimension, shared) multiplies the embedding output, the attention output,
+    # the residual after the attention addition, the FFN output and the residual after the FFN addition. Here the
+    # two sub-layer outputs are 0 and the residual stream is h = E[token] m^3, so at m = 1
+    #   dL/dm_d = 3 sum_positions h_d g_d,   g = dL/dh at the final RMSNorm's input,
+    # and, with r = sqrt(mean(h^2) + eps), y = w h / r, logits = E y (tied), L = mean CE over the N targets:
+    #   u = E^T (softmax(logits) - onehot(target)) / N,   g = u w / r - h (sum_i u_i w_i h_i) / (D r^3).
+    # The score is |dL/dm| per batch, averaged over the batches.
+    model, E, w = _llama_residual_only()
+    D, eps = 4, 1e-6
+    batches = [{"input_ids": torch.tensor([[0, 2, 4, 1]])}, {"input_ids": torch.tensor([[3, 3, 0]])}]
+    expected = torch.zeros(D, dtype=torch.float64)
+    E64, w64 = E.double(), w.double()
+    for batch in batches:
+        ids = batch["input_ids"][0].tolist()
+        pairs = list(zip(ids[:-1], ids[1:]))  # next-token targets
+        c = torch.zeros(D, dtype=torch.float64)
+        for token, target in pairs:
+            h = E64[token]
+            r = ((h ** 2).mean() + eps).sqrt()
+            logits = E64 @ (w64 * h / r)
+            p = logits.exp() / logits.exp().sum()
+            u = E64.T @ (p - torch.eye(5, dtype=torch.float64)[target]) / len(pairs)
+            g = u * w64 / r - h * (u * w64 * h).sum() / (D * r ** 3)
+            c += 3 * h * g
+        expected += c.abs()
+    expected /= len(batches)
+    scores = lp.importance(model, batches, _loss)["hidden"]
+    assert torch.allclose(scores.double(), expected, rtol=1e-4, atol=1e-8), (scores, expected)
+    ranked = expected.sort().values
+    assert ranked[2] - ranked[1] > 1e-3, "a clear second place, so the kept pair is unambiguous"
+    keep = sorted(expected.argsort(descending=True)[:2].tolist())
+    # A two-dimensional student keeps the two most important dimensions, in their original order.
+    torch.manual_seed(1)
+    scfg = LlamaConfig(vocab_size=5, hidden_size=2, intermediate_size=2, num_hidden_layers=1, num_attention_heads=1,
+                       num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=True, head_dim=2)
+    student = LlamaForCausalLM(scfg).eval()
+    state = lp.pruned_state_dict(model, student, {"hidden": scores, "heads": torch.zeros(1, 2),
+                                                  "neurons": torch.zeros(1, 4)})
+    assert torch.equal(state["model.embed_tokens.weight"], E[:, keep])
+    assert torch.equal(state["model.norm.weight"], w[keep])
+
+
+def _plain_masked_logits(model, ids, m):
+    """The model on one-token sequences (causal attention over a single position is its value path: softmax of
+    one score is 1 and rotary at position 0 is the identity), with an explicit hidden mask ``m`` at MiniMA's five
+    places, written out from the modules' weights."""
+    d = lp.lm_dims(model)
+    if d["arch"] == "llama":
+        h = model.model.embed_tokens(ids) * m
+        for blk in model.model.layers:
+            att = blk.self_attn
+            a = att.o_proj(att.v_proj(blk.input_layernorm(h))) * m
+            h = (h + a) * m
+            f = blk.mlp(blk.post_attention_layernorm(h)) * m
+            h = (h + f) * m
+        return model.lm_head(model.model.norm(h))
+    tr = model.transformer
+    h = (tr.wte(ids) + tr.wpe(torch.zeros_like(ids))) * m
+    D = d["hidden"]
+    for blk in tr.h:
+        x = blk.ln_1(h)
+        v = x @ blk.attn.c_attn.weight[:, 2 * D:] + blk.attn.c_attn.bias[2 * D:]  # Conv1D: x W + b, W [D, 3D]
+        a = (v @ blk.attn.c_proj.weight + blk.attn.c_proj.bias) * m
+        h = (h + a) * m
+        f = blk.mlp(blk.ln_2(h)) * m
+        h = (h + f) * m
+    return model.lm_head(tr.ln_f(h))
+
+
+def _one_token_loss(model, batch):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(model(input_ids=batch["input_ids"]).logits[:, 0], batch["targets"])
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2])
+def test_hidden_importance_equals_the_explicit_mask_gradient(make):
+    import torch.nn.functional as F
+
+    teacher = make(layers=2, hidden=32, heads=4, ffn=48)
+    g = torch.Generator().manual_seed(4)
+    batches = [{"input_ids": torch.randint(0, 40, (6, 1), generator=g), "targets": torch.randint(0, 40, (6,), generator=g)}
+               for _ in range(2)]
+    with torch.no_grad():  # the written-out forward is the model's own at m = 1
+        ids = batches[0]["input_ids"]
+        assert torch.allclose(_plain_masked_logits(teacher, ids, torch.ones(32)), teacher(input_ids=ids).logits, atol=1e-5)
+    expected = torch.zeros(32)
+    for batch in batches:
+        m = torch.ones(32, requires_grad=True)
+        loss = F.cross_entropy(_plain_masked_logits(teacher, batch["input_ids"], m)[:, 0], batch["targets"])
+        (grad,) = torch.autograd.grad(loss, m)
+        expected += grad.abs() / len(batches)
+    scores = lp.importance(teacher, batches, _one_token_loss)["hidden"]
+    assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-7)
+    # The dimensions a 24-wide student keeps are the 24 of highest explicit-mask gradient.
+    order = expected.argsort(descending=True)
+    assert expected[order[23]] - expected[order[24]] > 1e-6
+    keep = sorted(order[:24].tolist())
+    student = make(layers=2, hidden=24, heads=3, ffn=40, seed=9)
+    state = lp.pruned_state_dict(teacher, student, lp.importance(teacher, batches, _one_token_loss))
+    emb = "model.embed_tokens.weight" if "model.embed_tokens.weight" in state else "transformer.wte.weight"
+    assert torch.equal(state[emb], teacher.state_dict()[emb][:, keep])
 
 
 @pytest.mark.parametrize("make", [_llama, _gpt2])

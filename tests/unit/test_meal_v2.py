@@ -51,6 +51,12 @@ def test_discriminator_shape_of_the_official_code():
     assert [(c.in_channels, c.out_channels) for c in (d.conv1, d.conv2, d.conv3)] == [(1000, 125), (125, 15), (15, 2)]
     small = LogitDiscriminator(10, k=8, min_width=8)  # 10 // 8 = 1 would leave no width: floored at 8
     assert [(c.in_channels, c.out_channels) for c in (small.conv1, small.conv2, small.conv3)] == [(10, 8), (8, 8), (8, 2)]
+    # The floor also widens the second layer of every label space below 512 = 8 K^2 classes: 100 classes give
+    # 100 -> 12 -> 8 here where the official code's 100 // 8 // 8 would give 100 -> 12 -> 1 (documented deviation).
+    mid = LogitDiscriminator(100, k=8, min_width=8)
+    assert [(c.in_channels, c.out_channels) for c in (mid.conv1, mid.conv2, mid.conv3)] == [(100, 12), (12, 8), (8, 2)]
+    wide = LogitDiscriminator(512, k=8, min_width=8)
+    assert [(c.in_channels, c.out_channels) for c in (wide.conv1, wide.conv2, wide.conv3)] == [(512, 64), (64, 8), (8, 2)]
     assert (d(torch.randn(5, 1000)) >= 0).all(), "a ReLU follows the last layer, as in the official code"
 
 
@@ -66,29 +72,102 @@ def test_discriminator_loss_by_hand():
 
 
 class _Ctx:
-    def __init__(self, student_logits, teacher_logits):
-        self.s, self.t = student_logits, teacher_logits
-        self.teachers = [None] * len(teacher_logits)
+    """A step context whose student and teachers are linear maps of ``batch["x"]``: the losses can only see
+    the batch through them (the harness's ``teacher_outputs`` / ``student_outputs``)."""
+
+    def __init__(self, student: nn.Module, teachers: list[nn.Module]):
+        self.student_net, self.teacher_nets = student, teachers
+        self.teachers = teachers
 
     def student_outputs(self, batch):
-        return Outputs(logits=self.s)
+        return Outputs(logits=self.student_net(batch["x"]))
 
     def teacher_outputs(self, batch, index=0):
-        return Outputs(logits=self.t[index])
+        with torch.no_grad():
+            return Outputs(logits=self.teacher_nets[index](batch["x"]))
 
 
-def test_training_step_minimises_similarity_and_discriminator_jointly():
+def _linear(weight: list[list[float]]) -> nn.Linear:
+    lin = nn.Linear(len(weight[0]), len(weight), bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(weight))
+    return lin
+
+
+def _set_discriminator(disc: LogitDiscriminator) -> None:
+    """Fixed, hand-chosen weights (C = 3 -> 8 -> 8 -> 2 at the floor), so D's output can be written out below."""
+    g = torch.Generator().manual_seed(0)  # D outputs non-zero on 7 of the 8 entries below
+    with torch.no_grad():
+        for conv in (disc.conv1, disc.conv2, disc.conv3):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.7)
+            conv.bias.copy_(torch.rand(conv.bias.shape, generator=g) * 0.5)  # positive: ReLUs mostly open
+
+
+def _meal_with_fixed_disc() -> MEALV2:
     method = MEALV2(MEALV2.Params())
-    method._build_discriminator(2, seed=0)
-    z_s = torch.tensor([[0.3, -0.2]], requires_grad=True)
-    ctx = _Ctx(z_s, [torch.tensor([[0.0, LN3]]), torch.tensor([[LN3, 0.0]])])
-    losses = method.training_step({"labels": torch.tensor([1])}, ctx)
-    sim = similarity_loss(z_s, torch.tensor([[0.5, 0.5]]))
-    d = discriminator_loss(method.disc, z_s, torch.tensor([[LN3 / 2, LN3 / 2]]))
+    method._build_discriminator(3, seed=0)
+    _set_discriminator(method.disc)
+    return method
+
+
+X = torch.tensor([[1.0, 0.0], [0.5, -1.0]])  # two examples, two input features, three classes
+STUDENT_W = [[0.3, -0.2], [0.1, 0.4], [-0.5, 0.2]]
+TEACHER_WS = [[[2.0, 0.0], [0.0, 1.0], [-1.0, 0.5]], [[0.0, 1.5], [1.0, -1.0], [0.5, 0.5]]]
+
+
+def test_training_step_losses_by_hand():
+    method = _meal_with_fixed_disc()
+    student = _linear(STUDENT_W)
+    ctx = _Ctx(student, [_linear(w) for w in TEACHER_WS])
+    losses = method.training_step({"x": X, "labels": torch.tensor([0, 2]), "index": torch.arange(2)}, ctx)
     assert set(losses) == {"student", "discriminator"}
-    assert losses["student"].item() == pytest.approx((sim + d).item(), rel=1e-6)
-    assert losses["discriminator"].item() == pytest.approx(d.item(), rel=1e-6)
-    assert "labels" not in MEALV2.training_step.__code__.co_names, "no hard label enters the loss"
+
+    # Written out from the formulas, independently of the module's helpers.
+    z_s = X @ torch.tensor(STUDENT_W).T
+    z_t = [X @ torch.tensor(w).T for w in TEACHER_WS]
+    p_bar = sum(torch.exp(z) / torch.exp(z).sum(-1, keepdim=True) for z in z_t) / 2  # mean of the softmaxes
+    log_q = z_s - torch.log(torch.exp(z_s).sum(-1, keepdim=True))
+    sim = -(p_bar * log_q).sum(-1).mean()
+    z_bar = (z_t[0] + z_t[1]) / 2  # D sees the teachers' mean *logits*
+    d = method.disc
+
+    def disc_out(v: torch.Tensor) -> torch.Tensor:
+        h = v
+        for conv in (d.conv1, d.conv2, d.conv3):
+            h = torch.clamp(h @ conv.weight[:, :, 0, 0].T + conv.bias, min=0)
+        return h
+
+    o = disc_out(torch.cat([z_s, z_bar]))  # [4, 2]: two student rows, then two teacher rows
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    sig = 1 / (1 + torch.exp(-o))
+    bce = -(t * torch.log(sig) + (1 - t) * torch.log(1 - sig)).mean()  # mean over the 2B x 2 entries
+    assert losses["discriminator"].item() == pytest.approx(bce.item(), rel=1e-5)
+    assert losses["student"].item() == pytest.approx((sim + bce).item(), rel=1e-5)
+    # The similarity term alone (without D) is the soft cross-entropy to the averaged softmax.
+    no_d = MEALV2(MEALV2.Params(use_discriminator=False)).training_step({"x": X}, ctx)
+    assert set(no_d) == {"student"} and no_d["student"].item() == pytest.approx(sim.item(), rel=1e-6)
+
+
+def _step_and_grads(method: MEALV2, ctx: _Ctx, batch: dict) -> tuple[float, float, list[torch.Tensor]]:
+    ctx.student_net.zero_grad(set_to_none=True)
+    losses = method.training_step(batch, ctx)
+    losses["student"].backward()
+    return losses["student"].item(), losses["discriminator"].item(), [p.grad.clone() for p in ctx.student_net.parameters()]
+
+
+def test_no_label_enters_the_loss_but_the_teachers_do():
+    method = _meal_with_fixed_disc()
+    ctx = _Ctx(_linear(STUDENT_W), [_linear(w) for w in TEACHER_WS])
+    base = _step_and_grads(method, ctx, {"x": X, "labels": torch.tensor([0, 2]), "index": torch.arange(2)})
+    # Other labels, or no labels at all: the same losses and the same student gradient.
+    for batch in ({"x": X, "labels": torch.tensor([1, 1]), "index": torch.arange(2)}, {"x": X}):
+        again = _step_and_grads(method, ctx, batch)
+        assert again[:2] == base[:2]
+        assert all(torch.equal(a, b) for a, b in zip(again[2], base[2]))
+    # Other teachers: both losses move.
+    ctx_other = _Ctx(ctx.student_net, [_linear(TEACHER_WS[0]), _linear([[0.0, 0.0], [3.0, 0.0], [0.0, -2.0]])])
+    other = _step_and_grads(method, ctx_other, {"x": X, "labels": torch.tensor([0, 2])})
+    assert other[0] != pytest.approx(base[0], rel=1e-4) and other[1] != pytest.approx(base[1], rel=1e-4)
 
 
 def test_weight_decay_is_zero_for_every_optimiser():

@@ -92,7 +92,7 @@ def test_defaults_follow_the_paper_and_code():
 
 def test_finalize_returns_weights_on_the_grid_and_records_the_size():
     torch.manual_seed(0)
-    method = QuantDistill(QuantDistill.Params(bits=2, bucket_size=8))
+    method = QuantDistill(QuantDistill.Params(bits=2, bucket_size=8, quantize_first_last=True))
     student = method.init_student(None, nn.Linear(8, 1, bias=False), ctx=None)
     final = method.finalize_student(student, ctx=None)
     w = final.weight.detach().reshape(-1)
@@ -101,3 +101,17 @@ def test_finalize_returns_weights_on_the_grid_and_records_the_size():
     assert all(torch.isclose(levels, v, atol=1e-6).any() for v in w)
     info = method.record_info()["quantization"]
     assert info["bits"] == 2 and info["size_bytes"] == (8 * 2 + 64) / 8 and info["float32_size_bytes"] == 32
+
+
+def test_default_follows_the_official_experiments_first_and_last_tensors_full_precision():
+    # antspy/quantized_distillation's CIFAR-10 wide-ResNet, CIFAR-100 and ImageNet scripts all pass
+    # quantize_first_and_last_layer=False: the first (0.weight) and last (2.bias) tensors stay float.
+    method = QuantDistill(QuantDistill.Params())
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    wrapped = method.init_student(None, net, None)
+    assert wrapped.names == ["0.bias", "2.weight"]
+    notes = " ".join(method.table_notes(None))
+    assert "1/C as large" in notes and "stay full precision" in notes
+    every = QuantDistill(QuantDistill.Params(quantize_first_last=True, kl_reduction="elementwise"))
+    assert every.init_student(None, net, None).names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert "1/C" not in " ".join(every.table_notes(None))

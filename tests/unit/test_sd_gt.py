@@ -42,3 +42,161 @@ def test_generations_split_the_budget_and_start_fresh():
 def test_defaults_follow_the_official_code():
     p = SDGT.Params()
     assert (p.alpha, p.steps, p.reg_coef) == (0.6, 5, 1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# The generations, driven through the harness loop (bench.train.train) on a two-example task
+# --------------------------------------------------------------------------------------------------
+
+
+class _Split:
+    """Two examples, one-hot inputs, so example i's logits are column i of the student's weight (+ bias)."""
+
+    def __init__(self, labels):
+        self.x, self.y = torch.eye(2), torch.tensor(labels)
+
+    def __len__(self):
+        return 2
+
+    def batch(self, indices):
+        idx = torch.tensor(list(indices))
+        return {"x": self.x[idx], "labels": self.y[idx], "index": idx}
+
+
+class _Task:
+    """The harness asks ``student(seed)`` for each fresh generation; the students are made in call order from
+    ``inits`` (hand-made (W, b)) or, without it, drawn from a generator seeded with ``seed``."""
+
+    name = "two_examples"
+
+    def __init__(self, labels, inits=None):
+        self.split, self.inits, self.seeds = _Split(labels), inits, []
+
+    def problem(self):
+        return "classification"
+
+    def teacher_outputs_cacheable(self):
+        return True
+
+    def teacher_store(self, teacher):
+        return None
+
+    def train_data(self):
+        return self.split
+
+    def student(self, seed):
+        self.seeds.append(seed)
+        lin = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            if self.inits is not None:
+                w, b = self.inits[len(self.seeds) - 1]
+                lin.weight.copy_(torch.tensor(w))
+                lin.bias.copy_(torch.tensor(b))
+            else:
+                g = torch.Generator().manual_seed(seed)
+                lin.weight.copy_(torch.randn(2, 2, generator=g))
+                lin.bias.copy_(torch.randn(2, generator=g))
+        return lin
+
+    def forward(self, model, batch):
+        from bench.api import Outputs
+
+        return Outputs(logits=model(batch["x"]))
+
+    def label_loss(self, outputs, batch):
+        return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"])
+
+
+def _weights(model):
+    return model.weight.detach().clone(), model.bias.detach().clone()
+
+
+class _Recorded(SDGT):
+    """SD-GT itself, with what each step saw written down: the generation, the student's and the previous
+    generation's weights before the step, the batch and the loss; and the student's weights after each step."""
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.steps, self.after, self.starts = [], [], []
+
+    def on_generation_start(self, index, ctx):
+        super().on_generation_start(index, ctx)
+        self.starts.append((index, ctx.student, ctx.previous))
+
+    def training_step(self, batch, ctx):
+        losses = super().training_step(batch, ctx)
+        self.steps.append({"gen": ctx.generation, "student": _weights(ctx.student),
+                           "previous": None if ctx.previous is None else _weights(ctx.previous),
+                           "batch": batch, "loss": losses["student"].item()})
+        return losses
+
+    def on_step_end(self, ctx):
+        self.after.append((ctx.generation, _weights(ctx.student)))
+        return super().on_step_end(ctx)
+
+
+def _run(method, task, steps, lr):
+    from bench.api import OptimConfig, TrainConfig
+    from bench.train import train
+
+    cfg = TrainConfig(steps=steps, batch_size=2, eval_batch_size=2,
+                      optim=OptimConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
+                                        warmup_ratio=0.0, grad_clip=None))
+    return train(method, task, task.student(0), None, cfg, seed=0)
+
+
+def test_generation_one_fits_labels_generation_two_a_fresh_net_on_generation_one_by_hand():
+    # lr 0: every network keeps its hand-made initialisation, so every step's loss is worked out here.
+    # Generation 1 (index 0): logits ex0 = [0, 0] + .5, ex1 = [ln 3, 0] + .5 (an equal shift: same softmax),
+    # softmax [.5, .5] and [.75, .25]; labels [0, 1]. Label MSE = (.25 + .25 + .5625 + .5625) / 4 = .40625,
+    # alone (no alpha), plus .01 (||W|| + ||b||) = .01 (ln 3 + sqrt(.5)).
+    # Generation 2 (index 1), a fresh network: logits ex0 = [ln 3, 0] + 1, ex1 = [0, 0] + 1: softmax [.75, .25] and
+    # [.5, .5]. Label MSE = (.0625 + .0625 + .25 + .25) / 4 = .15625; MSE to generation 1's softmax
+    # ([.5, .5], [.75, .25]) = .0625; .6 * .15625 + .4 * .0625 = .11875, plus .01 (ln 3 + sqrt 2).
+    inits = [([[0.0, LN3], [0.0, 0.0]], [0.5, 0.5]), ([[LN3, 0.0], [0.0, 0.0]], [1.0, 1.0])]
+    task = _Task([0, 1], inits)
+    method = _Recorded(SDGT.Params(steps=2, alpha=0.6, reg_coef=0.01))
+    _run(method, task, steps=4, lr=0.0)
+    assert [s["gen"] for s in method.steps] == [0, 0, 1, 1]
+    gen0 = 0.40625 + 0.01 * (LN3 + math.sqrt(0.5))
+    gen1 = 0.6 * 0.15625 + 0.4 * 0.0625 + 0.01 * (LN3 + math.sqrt(2.0))
+    assert [s["loss"] for s in method.steps] == pytest.approx([gen0, gen0, gen1, gen1], rel=1e-6)
+    assert method.steps[0]["previous"] is None and len(task.seeds) == 2, "one fresh network per generation"
+
+
+def test_each_generation_is_fresh_and_distils_the_trained_previous_one():
+    # Trained for real (lr .5): each step's loss is recomputed here from the weights the step saw, in plain torch;
+    # the previous generation is the one just finished, at its final weights; each new one is a new initialisation.
+    task = _Task([1, 0])
+    method = _Recorded(SDGT.Params(steps=3, alpha=0.6, reg_coef=1e-3))
+    final, result = _run(method, task, steps=6, lr=0.5)
+    assert [s["gen"] for s in method.steps] == [0, 0, 1, 1, 2, 2]
+    assert len(task.seeds) == 3 and len(set(task.seeds)) == 3
+    x, onehot = torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    for k, s in enumerate(method.steps):
+        w, b = s["student"]
+        rows = s["batch"]["index"]
+        probs = torch.softmax(x[rows] @ w.T + b, -1)
+        label = ((probs - onehot[rows]) ** 2).mean()
+        reg = 1e-3 * (w.norm() + b.norm())
+        if s["gen"] == 0:
+            expected = label + reg
+            assert s["previous"] is None
+        else:
+            pw, pb = s["previous"]
+            prev_probs = torch.softmax(x[rows] @ pw.T + pb, -1)
+            expected = 0.6 * label + 0.4 * ((probs - prev_probs) ** 2).mean() + reg
+            # The previous network is generation g - 1 at its last weights (after its last update) ...
+            last = [wb for g, wb in method.after if g == s["gen"] - 1][-1]
+            assert torch.equal(pw, last[0]) and torch.equal(pb, last[1])
+        assert s["loss"] == pytest.approx(expected.item(), rel=1e-5), k
+    for g in (1, 2):
+        # ... and generation g starts from a new initialisation (the task's student for the seed it was asked),
+        # not from the previous weights.
+        first = next(s for s in method.steps if s["gen"] == g)
+        fresh = _Task([1, 0]).student(task.seeds[g])
+        assert torch.equal(first["student"][0], fresh.weight.detach())
+        assert not torch.equal(first["student"][0], first["previous"][0])
+    assert [i for i, _, _ in method.starts] == [0, 1, 2]
+    assert method.starts[1][2] is method.starts[0][1] and method.starts[2][2] is method.starts[1][1]
+    assert final is method.starts[2][1]

@@ -47,7 +47,7 @@ def test_encode_targets_scores_only_the_target(tmp_path):
                                    len(tok(" no", add_special_tokens=False)["input_ids"])]
 
 
-def test_step_trains_on_label_and_rationale_and_sets_the_eval_prefix(tmp_path):
+def test_setup_writes_the_rationales_once_and_the_eval_prefix_is_predict(tmp_path):
     from bench.train import HarnessContext
 
     task = _task(tmp_path)
@@ -65,11 +65,90 @@ def test_step_trains_on_label_and_rationale_and_sets_the_eval_prefix(tmp_path):
     m2 = StepByStep(StepByStep.Params(rationale_tokens=6))
     m2.setup(ctx2)
     assert m2.rationales == m.rationales and ctx2.teacher_forward_passes == 0 and m2.info["rationales_cached"]
-    batch = task.train_data().batch(list(range(task.training().batch_size)))
-    loss = m.training_step(batch, ctx)["student"]
-    assert torch.isfinite(loss) and loss.requires_grad
     final = m.finalize_student(ctx.student, ctx)
     assert final.bench_eval_prefix == "predict: "
+
+
+class _TableTask:
+    """A task whose per-row loss is looked up by (scored source, target): the step's value can be worked out by
+    hand, and a pair the method should not score (a label after "explain: ", a rationale after "predict: ")
+    raises KeyError."""
+
+    name = "table"
+    ROW_LOSS = {("predict: x0", " yes"): 1.0, ("predict: x1", " no"): 3.0,  # label task: mean 2
+                ("explain: x0", " because a"): 5.0, ("explain: x1", " because bb"): 3.0}  # rationale task: mean 4
+
+    def encode_targets(self, sources, targets):
+        return {"pairs": list(zip(sources, targets))}
+
+    def forward(self, model, batch):
+        from bench.api import Outputs
+
+        return Outputs(logits=model.w * torch.tensor([self.ROW_LOSS[p] for p in batch["pairs"]]))
+
+    def label_loss(self, outputs, batch):
+        return outputs.logits.mean()
+
+
+class _Ctx:
+    def __init__(self, task, student):
+        self.task, self.student, self.seed, self.step, self.device = task, student, 0, 0, "cpu"
+
+
+def _student_w():
+    student = torch.nn.Module()
+    student.w = torch.nn.Parameter(torch.tensor(1.0))
+    return student
+
+
+@pytest.mark.parametrize(("alpha", "expected"), [(0.5, 3.0), (0.8, 2.4), (1.0, 2.0), (0.0, 4.0)])
+def test_step_loss_is_alpha_label_plus_one_minus_alpha_rationale_by_hand(alpha, expected):
+    # L = alpha * mean(1, 3) + (1 - alpha) * mean(5, 3) = 2 alpha + 4 (1 - alpha), both passes through one student:
+    # dL/dw = the same number (the student's scale w multiplies both).
+    m = StepByStep(StepByStep.Params(alpha=alpha))
+    m.examples = [("u0", "x0", "yes"), ("u1", "x1", "no")]
+    m.rationales = ["because a", "because bb"]
+    student = _student_w()
+    loss = m.training_step({"index": torch.arange(2)}, _Ctx(_TableTask(), student))["student"]
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    assert student.w.grad.item() == pytest.approx(expected)
+
+
+def test_step_loss_on_the_lm_task_is_the_weighted_target_token_cross_entropy(tmp_path):
+    # The real task and student: each pair tokenised on its own, the student run on it unpadded, next-token
+    # cross-entropy on the target tokens only, pooled over the tokens of both rows; then alpha-weighted.
+    import torch.nn.functional as F
+
+    task = _task(tmp_path)
+    student = task.student(0)
+    with torch.no_grad():  # sharper than a fresh init's near-uniform predictions (tied: the embeddings scale too)
+        student.lm_head.weight.mul_(20.0)
+    examples = task.labelled_prompts()[:2]
+    rationales = ["the story is awful and dull", "a poor cast"]
+    tok = task.tokenizer
+
+    def pooled_ce(pairs):
+        nll, count = 0.0, 0
+        for source, target in pairs:
+            s = tok(source, add_special_tokens=False)["input_ids"]
+            t = tok(target, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = student(input_ids=torch.tensor([s + t])).logits[0]
+            for j, token in enumerate(t):  # token j of the target is predicted at position len(s) + j - 1
+                nll += -F.log_softmax(logits[len(s) + j - 1].double(), -1)[token].item()
+                count += 1
+        return nll / count
+
+    pred = pooled_ce([("predict: " + x, " " + y) for _, x, y in examples])
+    expl = pooled_ce([("explain: " + x, " " + r) for (_, x, _), r in zip(examples, rationales)])
+    assert abs(pred - expl) > 0.5, "the two tasks must differ for the weighting to show"
+    ctx = _Ctx(task, student)
+    for alpha in (0.5, 0.8):
+        m = StepByStep(StepByStep.Params(alpha=alpha))
+        m.examples, m.rationales = examples, rationales
+        loss = m.training_step({"index": torch.arange(2)}, ctx)["student"]
+        assert loss.item() == pytest.approx(alpha * pred + (1 - alpha) * expl, rel=1e-5)
 
 
 def test_eval_prefix_becomes_the_lm_eval_description(tmp_path):

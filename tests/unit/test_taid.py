@@ -178,3 +178,14 @@ def test_params_bounds_from_the_official_asserts(field, value):
 def test_params_reject_start_after_end():
     with pytest.raises(ValidationError, match="t_start"):
         TAID.Params(t_start=0.8, t_end=0.5)
+
+
+def test_classification_rows_say_the_language_model_defaults_are_used():
+    from types import SimpleNamespace
+
+    from bench.methods.taid import TAID
+
+    method = TAID(TAID.Params())
+    (note,) = method.table_notes(SimpleNamespace(domain="classification"))
+    assert "no classification setting" in note and "t_start 0.4" in note
+    assert method.table_notes(SimpleNamespace(domain="lm")) == []
