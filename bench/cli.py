@@ -183,6 +183,9 @@ def run(
                                                                           "connect to (auto, HOST:PORT or "
                                                                           "ray://HOST:10001); default: start a "
                                                                           "local one on this machine's cores."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes per cell: above 1, each cell trains "
+                                                                   "data-parallel (CPU: gloo; CUDA: nccl, one GPU "
+                                                                   "per process), same global batch and budget."),
 ) -> None:
     """Train and evaluate every (method, task, subtask, seed) cell, record it, and print the leaderboard."""
     from bench.config import resolve
@@ -198,23 +201,28 @@ def run(
 
         # On a remote Ray cluster this machine only schedules: each worker checks its own hardware instead.
         prof = select_profile(s.profile, allow_mismatch=allow_mismatch or ray_address is not None)
+        if nproc_per_node != 1:
+            from bench import distributed, registry
+
+            distributed.check(nproc_per_node, executor, [registry.methods.get(m) for m in resolved.method_params],
+                              [registry.tasks.get(t) for t, _ in resolved.tasks])
     except BenchError as exc:
         raise _fail(exc) from None
     code = _execute(resolved, root, cache_dir or default_cache_dir(), prof, force, quiet, executor=executor,
-                    ray_address=ray_address, allow_mismatch=allow_mismatch)
+                    ray_address=ray_address, allow_mismatch=allow_mismatch, nproc_per_node=nproc_per_node)
     raise typer.Exit(code)
 
 
 def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool, quiet: bool,
              print_tables: bool = True, executor: str = "local", ray_address: str | None = None,
-             allow_mismatch: bool = False) -> int:
+             allow_mismatch: bool = False, nproc_per_node: int = 1) -> int:
     from bench import leaderboard, progress, table as tables
     from bench.executors import execute
     from bench.runner import RunOptions
 
     out = Path(resolved.suite.out)
     opts = RunOptions(out=out, cache_dir=Path(cache_dir), data_root=root, profile=prof, force=force,
-                      device=prof.get("run_device") or prof.get("device", "cpu"))
+                      device=prof.get("run_device") or prof.get("device", "cpu"), nproc_per_node=nproc_per_node)
     reporter = None if quiet else (_RichReporter(console) if console.is_terminal else _PlainReporter(console))
     progress.set_reporter(reporter)
     try:

@@ -43,6 +43,8 @@ class RunOptions:
     #: keys of the shared trainings (`Task.shared_training`) done in this run: ``--force`` retrains a
     #: shared model once, and the run's other subtasks evaluate that fresh model.
     trained_here: set[str] = field(default_factory=set)
+    #: processes per cell (``--nproc-per-node``): above 1, each cell trains data-parallel (`bench.distributed`)
+    nproc_per_node: int = 1
 
 
 @dataclass
@@ -145,6 +147,13 @@ def cell_config(cell: Cell, task: Task, method: Method, cfg: TrainConfig | None)
     }
 
 
+def with_world(config: dict[str, Any], opts: RunOptions) -> dict[str, Any]:
+    """``config`` with the data-parallel world size when there is one (a single-process cell's is unchanged)."""
+    if opts.nproc_per_node > 1:
+        return {**config, "distributed": {"world_size": opts.nproc_per_node}}
+    return config
+
+
 def _base_record(cell: Cell, opts: RunOptions, cfg: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "schema_version": RECORD_SCHEMA_VERSION, "cell_id": cell.id, "cell": cell.as_dict(),
@@ -163,7 +172,7 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
     from bench.train import train
 
     t_start = time.perf_counter()
-    config = cell_config(cell, task, method, cfg)
+    config = with_world(cell_config(cell, task, method, cfg), opts)
     rec = _base_record(cell, opts, config)
     rec.update(provenance)
     rec["data"] = task.data_fingerprint()
@@ -201,12 +210,21 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
     else:
         student = task.student(cell.seed)
         ckpt = store.checkpoint_dir(cell) / "state.pt"
-        with progress.bar(f"{cell.task}/{cell.subtask} {cell.method} seed {cell.seed}", cfg.steps) as update:
-            model, result = train(
-                method, task, student, teacher, cfg, seed=cell.seed, device=opts.device, checkpoint_path=ckpt,
-                checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
-                on_step=lambda s, n, losses: update(s, " ".join(f"{k} {v:.4f}" for k, v in losses.items())),
-            )
+        if opts.nproc_per_node > 1:
+            from bench import distributed
+
+            progress.log(f"{cell.id}: training data-parallel in {opts.nproc_per_node} processes")
+            model, result = distributed.train(
+                method, task, student, teacher, cfg, nproc=opts.nproc_per_node, seed=cell.seed, device=opts.device,
+                checkpoint_path=ckpt, checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+                threads=opts.profile.get("threads"))
+        else:
+            with progress.bar(f"{cell.task}/{cell.subtask} {cell.method} seed {cell.seed}", cfg.steps) as update:
+                model, result = train(
+                    method, task, student, teacher, cfg, seed=cell.seed, device=opts.device, checkpoint_path=ckpt,
+                    checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+                    on_step=lambda s, n, losses: update(s, " ".join(f"{k} {v:.4f}" for k, v in losses.items())),
+                )
         rec["training"] = {
             "steps": result.steps, "samples": result.samples, "wall_s": round(result.wall_s, 3),
             # Forward passes of any teacher: the task's (every member of an ensemble) and, for methods
@@ -223,6 +241,8 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
             "updates": result.updates,
             "resumed_from_step": result.resumed_from_step, "loss_log": result.loss_log,
         }
+        if result.distributed is not None:
+            rec["training"]["distributed"] = result.distributed
         if shared is not None:
             rec["training"]["shared"] = {"trained_in": cell.id, "key": shared[1], "reused": False,
                                          "note": f"one training serves every subtask of {cell.task}; each of its "
@@ -404,7 +424,11 @@ def plan_cell(cell: Cell, task: Task, resolved: Resolved, opts: RunOptions, stor
     config = None
     try:
         cfg = method_train_config(train_config(task, resolved), method)
-        config = cell_config(cell, task, method, cfg)
+        config = with_world(cell_config(cell, task, method, cfg), opts)
+        if opts.nproc_per_node > 1 and method.role != "teacher":
+            from bench.distributed import check_batch
+
+            check_batch(min(cfg.batch_size, len(task.train_data())), opts.nproc_per_node)
         chash = config_hash(config)
     except KeyboardInterrupt:
         raise

@@ -324,6 +324,8 @@ class TrainResult:
     generations: list[dict[str, Any]] = field(default_factory=list)
     #: optimiser steps per optimiser key (differ from ``steps`` under update ratios, TTUR)
     updates: dict[str, int] = field(default_factory=dict)
+    #: data-parallel cells (`bench.distributed`): world size, backend, batches, examples per rank; None otherwise
+    distributed: dict[str, Any] | None = None
 
 
 def generation_seed(seed: int, index: int) -> int:
@@ -391,13 +393,18 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
 def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | list[nn.Module] | None,
           cfg: TrainConfig, *, seed: int, device: str = "cpu", checkpoint_path: Path | None = None,
           checkpoint_every: int | None = None, checkpoint_seconds: float = 120.0,
-          on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> tuple[nn.Module, TrainResult]:
+          on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+          world: Any = None) -> tuple[nn.Module, TrainResult]:
     """Train ``student`` with ``method`` for ``cfg.steps`` optimiser steps; return the model to evaluate
     (``method.finalize_student`` of the last generation's student) and the costs.
 
     ``teacher`` is one model, a list of models (a teacher ensemble), or None. The budget is split into
     the method's generations (`bench.api.Generation`); each starts with new optimisers and schedules
     over its own steps and restarts the data order, so every generation sees the same examples.
+
+    ``world`` (`bench.distributed.World`, None in one process): this process is one rank of a data-parallel
+    cell; it trains on its slice of each global batch, gradients and logged losses are averaged over the
+    ranks, and only rank 0 writes checkpoints.
     """
     import torch
 
@@ -441,6 +448,10 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
             ctx.previous.to(device).eval()
     student.to(device).train()
     ctx.student = student
+    if world is not None:
+        if len(plan) > 1:
+            raise TrainingError(f"method {method.name} trains in generations; not supported data-parallel yet")
+        world.broadcast_module(student)
     if type(method).training_free:  # nothing to optimise: evaluate the model init_student built
         result.generations = [{"index": 0, "steps": 0, "fresh_student": False, "name": "training-free"}]
         student.eval()
@@ -459,6 +470,9 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
         raise TrainingError(f"method {method.name} declares update ratios {bad}; keys must be 'student' or its "
                             f"extra modules {sorted(extras)}, each ratio >= 1")
     ctx.update_every = ratios
+    if world is not None and (extras or ratios):
+        raise TrainingError(f"method {method.name} trains modules besides the student; not supported "
+                            f"data-parallel yet")
     updates = {k: 0 for k in ("student", *extras)}
     method.setup(ctx)
 
@@ -524,7 +538,11 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
             ctx.generation_step = 0
             method.on_generation_start(gen, ctx)
         ctx.generation_step = step - starts[gen]
-        batch = to_device(split.batch(batch_indices(n, bs, seed, step - starts[gen])), device)
+        rows = batch_indices(n, bs, seed, step - starts[gen])
+        if world is not None:  # this rank's contiguous slice of the global batch
+            rows = world.shard(rows)
+            world.examples += len(rows)
+        batch = to_device(split.batch(rows), device)
         losses = method.training_step(batch, ctx)
         if not losses:
             raise TrainingError(f"method {method.name} returned no loss at step {step}; it must return "
@@ -549,6 +567,9 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
             # Each loss updates only its own optimiser's parameters, even when graphs are shared
             # (e.g. a discriminator loss that flows through the student's outputs).
             torch.autograd.backward(losses[k], inputs=params[k], retain_graph=i < len(keys) - 1)
+        if world is not None:  # the mean of the ranks' gradients: the gradient of the global batch's mean loss
+            for k in keys:
+                world.average_grads(params[k])
         for k in keys:
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params[k], cfg.optim.grad_clip)
@@ -560,6 +581,8 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
         extra_log = method.on_step_end(ctx)
         result.samples += len(batch["index"])
         scalars = {k: float(losses[k].detach()) for k in keys}
+        if world is not None:
+            scalars = world.mean_scalars(scalars)
         if step % log_every == 0 or step == cfg.steps - 1:
             entry: dict[str, float] = {"step": step + 1}
             if len(plan) > 1:
@@ -569,7 +592,7 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
             on_step(step + 1, cfg.steps, scalars)
         now = time.perf_counter()
         due = (checkpoint_every and (step + 1) % checkpoint_every == 0) or (now - last_ckpt >= checkpoint_seconds)
-        if checkpoint_path is not None and due and step + 1 < cfg.steps:
+        if checkpoint_path is not None and due and step + 1 < cfg.steps and (world is None or world.writer):
             _save_checkpoint(checkpoint_path, {
                 "step": step + 1, "student": ctx.student, "method": method.state_dict(),
                 "extras": {k: m.state_dict() for k, m in extras.items()},
@@ -594,6 +617,17 @@ def train(method: Method, task: Task, student: nn.Module, teacher: nn.Module | l
     result.teacher_examples = ctx.teacher_examples
     result.previous_forward_passes = ctx.previous_forward_passes
     result.previous_examples = ctx.previous_examples
+    if world is not None:  # costs of every rank: teacher passes summed, examples trained on per rank
+        from bench.distributed import DETERMINISM
+
+        per_rank = world.gather_ints([world.examples, ctx.teacher_forward_passes, ctx.teacher_examples])
+        result.teacher_forward_passes = sum(r[1] for r in per_rank)
+        result.teacher_examples = sum(r[2] for r in per_rank)
+        result.distributed = {
+            "world_size": world.size, "backend": world.backend, "global_batch": bs, "per_rank_batch": bs // world.size,
+            "examples_per_rank": [r[0] for r in per_rank], "launcher": "torch.multiprocessing.spawn",
+            "gradient_sync": "all-reduce mean of the student's gradients after backward (DDP's arithmetic)",
+            "determinism": DETERMINISM}
     result.teacher_cache = ctx.teacher_cache_info()
     result.updates = dict(updates)
     result.method_log = {k: v for k, v in (result.loss_log[-1] if result.loss_log else {}).items()
