@@ -263,17 +263,8 @@ def _lost(cell: Any, config: dict[str, Any], exc: BaseException, store: Any, opt
 # --------------------------------------------------------------------------------------------------
 
 
-class _WorkerLog:
-    """A worker's `bench.progress` reporter: messages to stderr (Ray shows them on the driver), no bars."""
-
-    def start(self, description: str, total: int | None) -> int:
-        return 0
-
-    def advance(self, handle: int, completed: int, info: str = "") -> None:
-        pass
-
-    def stop(self, handle: int) -> None:
-        pass
+class _WorkerLog(progress.Silent):
+    """A worker's `bench.progress` reporter: silent bars, messages to stderr (Ray shows them on the driver)."""
 
     def log(self, message: str) -> None:
         from rich.text import Text

@@ -19,7 +19,9 @@ class Reporter(Protocol):
     def log(self, message: str) -> None: ...
 
 
-class _Silent:
+class Silent:
+    """The default reporter: no bars, no messages (library use, tests); a base for reporters that show some."""
+
     def start(self, description: str, total: int | None) -> int:
         return 0
 
@@ -33,12 +35,12 @@ class _Silent:
         pass
 
 
-_reporter: Reporter = _Silent()
+_reporter: Reporter = Silent()
 
 
 def set_reporter(reporter: Reporter | None) -> None:
     global _reporter
-    _reporter = reporter if reporter is not None else _Silent()
+    _reporter = reporter if reporter is not None else Silent()
 
 
 def log(message: str) -> None:

@@ -9,6 +9,12 @@ import pytest
 import torch
 from bench.methods.defensive import Defensive, hard_label_loss, soft_label_loss
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _generation_harness import TwoExampleTask as _Task, recorded, run as _run  # noqa: E402
+
 LN3 = math.log(3.0)
 
 
@@ -41,100 +47,7 @@ def test_two_fresh_networks_and_temperature_100():
 # --------------------------------------------------------------------------------------------------
 
 
-class _Split:
-    """Two examples, one-hot inputs, so example i's logits are column i of the student's weight (+ bias)."""
-
-    def __init__(self, labels):
-        self.x, self.y = torch.eye(2), torch.tensor(labels)
-
-    def __len__(self):
-        return 2
-
-    def batch(self, indices):
-        idx = torch.tensor(list(indices))
-        return {"x": self.x[idx], "labels": self.y[idx], "index": idx}
-
-
-class _Task:
-    """The harness asks ``student(seed)`` for each fresh generation; the students are made in call order from
-    ``inits`` (hand-made (W, b)) or, without it, drawn from a generator seeded with ``seed``."""
-
-    name = "two_examples"
-
-    def __init__(self, labels, inits=None):
-        self.split, self.inits, self.seeds = _Split(labels), inits, []
-
-    def problem(self):
-        return "classification"
-
-    def teacher_outputs_cacheable(self):
-        return True
-
-    def teacher_store(self, teacher):
-        return None
-
-    def train_data(self):
-        return self.split
-
-    def student(self, seed):
-        self.seeds.append(seed)
-        lin = torch.nn.Linear(2, 2)
-        with torch.no_grad():
-            if self.inits is not None:
-                w, b = self.inits[len(self.seeds) - 1]
-                lin.weight.copy_(torch.tensor(w))
-                lin.bias.copy_(torch.tensor(b))
-            else:
-                g = torch.Generator().manual_seed(seed)
-                lin.weight.copy_(torch.randn(2, 2, generator=g))
-                lin.bias.copy_(torch.randn(2, generator=g))
-        return lin
-
-    def forward(self, model, batch):
-        from bench.api import Outputs
-
-        return Outputs(logits=model(batch["x"]))
-
-    def label_loss(self, outputs, batch):
-        return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"])
-
-
-def _weights(model):
-    return model.weight.detach().clone(), model.bias.detach().clone()
-
-
-class _Recorded(Defensive):
-    """Defensive distillation itself, with what each step saw written down: the generation, the student's and the previous
-    generation's weights before the step, the batch and the loss; and the student's weights after each step."""
-
-    def __init__(self, params):
-        super().__init__(params)
-        self.steps, self.after, self.starts = [], [], []
-
-    def on_generation_start(self, index, ctx):
-        super().on_generation_start(index, ctx)
-        self.starts.append((index, ctx.student, ctx.previous))
-
-    def training_step(self, batch, ctx):
-        losses = super().training_step(batch, ctx)
-        self.steps.append({"gen": ctx.generation, "student": _weights(ctx.student),
-                           "previous": None if ctx.previous is None else _weights(ctx.previous),
-                           "batch": batch, "loss": losses["student"].item()})
-        return losses
-
-    def on_step_end(self, ctx):
-        self.after.append((ctx.generation, _weights(ctx.student)))
-        return super().on_step_end(ctx)
-
-
-def _run(method, task, steps, lr):
-    from bench.api import OptimConfig, TrainConfig
-    from bench.train import train
-
-    cfg = TrainConfig(steps=steps, batch_size=2, eval_batch_size=2,
-                      optim=OptimConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
-                                        warmup_ratio=0.0, grad_clip=None))
-    return train(method, task, task.student(0), None, cfg, seed=0)
+_Recorded = recorded(Defensive)
 
 
 def test_the_initial_network_fits_labels_at_t_then_a_fresh_one_fits_its_soft_labels_at_t_by_hand():
