@@ -415,9 +415,11 @@ class Method:
     #: True for methods whose teacher only initialises the student and is never run during training (TwinFlow:
     #: after the copy the model is its own teacher); their records show 0 teacher forward passes by design.
     teacher_init_only: ClassVar[bool] = False
-    #: False for methods whose teachers are their own earlier generations (self-distillation): the
-    #: harness then neither builds nor loads the task's teacher for the cell.
+    #: False for methods whose teachers are their own earlier generations (self-distillation) or peers
+    #: (federated distillation): the harness then neither builds nor loads the task's teacher for the cell.
     uses_task_teacher: ClassVar[bool] = True
+    #: Where the teaching comes from when ``uses_task_teacher`` is False (the record's ``teacher.note``).
+    own_teacher_note: ClassVar[str] = "distils from its own earlier generations"
 
     def select_teacher(self, pool: list[TeacherCandidate], student_params: int) -> str | None:
         """Pick a teacher from the task's pool; None keeps the task's default."""

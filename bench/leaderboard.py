@@ -254,14 +254,14 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
     columns.append(Column(agg_name, f"{agg_name}{marks.get(single, '')}" if single else agg_name, "aggregate",
                           _scale_text(scale), hib, scale))
     metric_specs: dict[str, tuple[bool, float, str]] = {}
-    for r in recs:
-        for name, (_, hib, scale, desc) in r.metric_cols.items():
-            metric_specs.setdefault(name, (hib, scale, desc))
+    for r in recs:  # (the metric's own direction and scale; `hib` and `scale` stay the score's)
+        for name, (_, m_hib, m_scale, desc) in r.metric_cols.items():
+            metric_specs.setdefault(name, (m_hib, m_scale, desc))
     taken = {c.key for c in columns} | {k for k, *_ in EFFICIENCY + GENERATION_EFFICIENCY}
     columns += [Column(name if name not in taken else f"metric:{name}", name, "metric",
-                       f"{desc} ({_scale_text(scale)}"
-                       f", {'higher' if hib else 'lower'} is better)", hib, scale)
-                for name, (hib, scale, desc) in metric_specs.items()]
+                       f"{desc} ({_scale_text(m_scale)}"
+                       f", {'higher' if m_hib else 'lower'} is better)", m_hib, m_scale)
+                for name, (m_hib, m_scale, desc) in metric_specs.items()]
     columns += [Column(k, label, "efficiency", unit, False) for k, label, unit, _ in EFFICIENCY]
     columns += [Column(k, label, "efficiency", unit, hib) for k, label, unit, hib in GENERATION_EFFICIENCY
                 if any(k in r.eff for r in recs)]

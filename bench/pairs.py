@@ -12,7 +12,8 @@ read by every cell:
 
 Noise of pair ``i`` is drawn from a generator seeded by ``seed + i // chunk`` (a fixed function of the
 index), so the store is the same however it is built. Files are written under a temporary name and
-renamed (a killed build leaves nothing half-written; concurrent builders keep one result). The cell
+renamed (a killed build leaves nothing half-written); concurrent builders wait for one lock
+(`bench.locks`), so the store is built once. The cell
 that builds the store reports its network evaluations (``passes``) and pairs (``examples``); cells that
 read it report 0 and say the store was used.
 """
@@ -107,16 +108,17 @@ class PairStore:
 
         if self._data is not None:
             return self._data, 0
-        passes = 0
-        if self.path.exists():
-            try:
-                self._data = torch.load(self.path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - an unreadable store is rebuilt
-                from bench import progress
+        from bench.locks import exclusive
 
-                progress.log(f"teacher pairs at {self.path} are unreadable ({exc}); rebuilding them")
-                self._data = None
-        if self._data is None:
+        self._data = self._read()
+        if self._data is not None:
+            return self._data, 0
+        # Concurrent cells (Ray workers) build the store once: the others wait for the lock, then read it.
+        with exclusive(self.path.parent / "locks" / f"{self.path.name}.lock",
+                       f"another process is building the teacher pairs {self.path.name}; waiting for it"):
+            self._data = self._read()
+            if self._data is not None:
+                return self._data, 0
             self._data, passes = self._build()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
@@ -125,6 +127,19 @@ class PairStore:
             (self.path.with_suffix(".json")).write_text(json.dumps({**self.identity, "build_s": self.build_s}, indent=2))
             self.built_here = True
         return self._data, passes
+
+    def _read(self) -> dict[str, torch.Tensor] | None:
+        import torch
+
+        if not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - an unreadable store is rebuilt
+            from bench import progress
+
+            progress.log(f"teacher pairs at {self.path} are unreadable ({exc}); rebuilding them")
+            return None
 
     def get(self, indices: list[int]) -> tuple[dict[str, torch.Tensor], int, int]:
         """Pairs at ``indices`` and the (network evaluations, pairs) this call computed."""

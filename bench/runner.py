@@ -180,7 +180,7 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
     teacher_name = None
     if method.role == "distill" and not method.uses_task_teacher:
         teacher = None
-        rec["teacher"] = {"name": "self", "note": f"{method.name} distils from its own earlier generations; "
+        rec["teacher"] = {"name": "self", "note": f"{method.name} {method.own_teacher_note}; "
                                                   f"the task's teacher is not used"}
     elif method.role != "student":
         pool = task.teacher_pool()
@@ -196,6 +196,7 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
             rec["teacher"] = task.teacher_info(teacher_name)
     else:
         teacher = None
+    t_teacher = time.perf_counter()
     shared = _shared_training(cell, task, config, rec, store) if method.role != "teacher" else None
     reused = _load_trained(shared, opts) if shared is not None else None
     if method.role == "teacher":
@@ -251,10 +252,13 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
             opts.trained_here.add(shared[1])
     rec["method_info"] = reused["method_info"] if reused is not None else method.record_info()
     rec["method_notes"] = list(reused.get("method_notes") or []) if reused is not None else method.table_notes(task)
+    t_trained = time.perf_counter()
     rec["efficiency"] = efficiency(model, task, opts.profile, measure_runtime=measure)
     if method.role != "teacher":
         rec["training"]["estimated_flops"] = _training_flops(rec, teacher, task, opts)
+    t_measured = time.perf_counter()
     metrics = task.evaluate(model)
+    t_evaluated = time.perf_counter()
     rec["metrics"] = metrics
     rec["metric_specs"] = [m.__dict__ for m in task.metrics()]
     if method.role == "teacher":
@@ -264,6 +268,11 @@ def run_cell(cell: Cell, task: Task, method: Method, cfg: TrainConfig, opts: Run
     rec["aggregate"] = {"name": task.aggregate_name, "rule": task.aggregate_rule}  # a tier may rename it
     rec["status"] = "ok"
     rec["wall_s"] = round(time.perf_counter() - t_start, 3)
+    # Where the cell's wall time went (tests/benchmarks/test_smoke_split.py sums these over a matrix):
+    # loading or training the teacher (a cold one is trained by the first cell that needs it), training the
+    # student, the efficiency measurement (counts, and timing unless runtime.measure is off), evaluation.
+    rec["phases_s"] = {"teacher": round(t_teacher - t_start, 3), "training": round(t_trained - t_teacher, 3),
+                       "measurement": round(t_measured - t_trained, 3), "evaluation": round(t_evaluated - t_measured, 3)}
     return rec
 
 

@@ -6,8 +6,11 @@ teacher, so it is trained once and kept under ``<cache dir>/<task>/teachers/<lab
 ``key`` hashes everything that decides its weights (``identity``: task and version, tier, architecture,
 training budget and optimiser, the training data's fingerprint, the seed). A changed identity gives a
 new folder; an entry is never overwritten. The folder is written under a temporary name and renamed, so
-a killed run leaves nothing half-written and concurrent runs keep one result. An unreadable entry (a
-corrupt file) is reported and retrained.
+a killed run leaves nothing half-written. Concurrent cells needing the same teacher (Ray workers, two
+`bench run` on one cache) train it once: training holds an exclusive lock on
+``<cache dir>/<task>/locks/teacher-<label>-<key>.lock`` (``flock``; none where the platform lacks it), and a
+process that waited for the lock finds the teacher in the cache. An unreadable entry (a corrupt file) is
+reported and retrained.
 
 ``meta.json`` beside the weights (and the cell record's ``teacher`` field) says how the teacher was made:
 its identity, steps, wall times, final training loss, the task's evaluation of it and its parameter count.
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import BenchError
+from bench.locks import exclusive
 
 if TYPE_CHECKING:
     from torch import nn
@@ -76,17 +80,38 @@ def cached_teacher(
     ``build`` makes the untrained model (seed 0), ``save``/``load`` write and read a folder, ``extra_meta``
     adds task-specific facts (e.g. the timm data config). Returns the model and the record's teacher info
     (``cache``: ``hit`` or ``trained``; ``path``: the folder)."""
-    from bench import progress
-
     key = identity_key(identity)
     folder = Path(task.env.cache_dir) / task.name / "teachers" / f"{label}-{key}"
-    if (folder / "meta.json").exists():
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-            return load(folder), {**meta, "cache": "hit", "path": str(folder)}
-        except Exception as exc:  # noqa: BLE001 - any loader's error (pickle, safetensors, HF) means unreadable
-            progress.log(f"cached teacher at {folder} is unreadable ({exc}); retraining it")
-            shutil.rmtree(folder, ignore_errors=True)
+    found = _from_cache(folder, load)
+    if found is not None:
+        return found
+    lock = Path(task.env.cache_dir) / task.name / "locks" / f"teacher-{label}-{key}.lock"
+    with exclusive(lock, f"another process is training the teacher {label} ({key}); waiting for it"):
+        found = _from_cache(folder, load)  # trained by the process this one waited for
+        if found is not None:
+            return found
+        return _train(task, folder, key, name=name, identity=identity, build=build, save=save,
+                      description=description, extra_meta=extra_meta)
+
+
+def _from_cache(folder: Path, load: Callable[[Path], nn.Module]) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The cached teacher and its record info, or None when absent or unreadable (then removed)."""
+    from bench import progress
+
+    if not (folder / "meta.json").exists():
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        return load(folder), {**meta, "cache": "hit", "path": str(folder)}
+    except Exception as exc:  # noqa: BLE001 - any loader's error (pickle, safetensors, HF) means unreadable
+        progress.log(f"cached teacher at {folder} is unreadable ({exc}); retraining it")
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _train(task: Task, folder: Path, key: str, *, name: str, identity: dict[str, Any],
+           build: Callable[[], nn.Module], save: Callable[[nn.Module, Path], None], description: str,
+           extra_meta: Callable[[nn.Module], dict[str, Any]] | None) -> tuple[nn.Module, dict[str, Any]]:
     from bench.train import supervised
 
     cfg = task.teacher_training()

@@ -218,7 +218,7 @@ def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure
     train_bs = task.training().batch_size
     if not trainable:
         out["errors"]["training_memory"] = untrained
-        out["utilisation"] = utilisation(out, profile)
+        out["utilisation"] = utilisation(out, profile, _param_dtype(model))
         return out
     try:
         out["training_memory"] = {"batch_size": train_bs, **measure_peak_memory(
@@ -226,18 +226,29 @@ def efficiency(model: nn.Module, task: Task, profile: dict[str, Any], *, measure
             train=True)}
     except Exception as exc:  # noqa: BLE001
         out["errors"]["training_memory"] = _err(exc)
-    out["utilisation"] = utilisation(out, profile)
+    out["utilisation"] = utilisation(out, profile, _param_dtype(model))
     return out
 
 
-def utilisation(eff: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any] | None:
-    """Achieved FLOP/s at the throughput batch, and its fraction of the profile's declared peak."""
+def _param_dtype(model: nn.Module) -> str:
+    """The dtype the model was timed in (its first floating-point parameter's; float32 without one)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return "float32"
+
+
+def utilisation(eff: dict[str, Any], profile: dict[str, Any], dtype: str = "float32") -> dict[str, Any] | None:
+    """Achieved FLOP/s at the throughput batch, and its fraction of the profile's declared peak for the dtype
+    the model actually ran in (``dtype``). The harness trains and times in float32 on every device, so on a GPU
+    profile declaring ``dtype: bfloat16`` the float32 peak applies, not the bfloat16 one (which would understate
+    the fraction about 15x on an H200); ``profile_dtype`` keeps the declared one."""
     bs = profile.get("throughput_batch_size")
     lat = (eff.get("latency") or {}).get(f"batch_{bs}")
     if not lat or not eff.get("flops_per_sample"):
         return None
     achieved = eff["flops_per_sample"] * lat["samples_per_s"]
-    dtype = profile.get("dtype", "float32")
     peak = (profile.get("peak_flops") or {}).get(dtype)
-    return {"achieved_flops_per_s": achieved, "dtype": dtype, "declared_peak_flops_per_s": peak,
-            "fraction_of_peak": achieved / peak if peak else None, "batch_size": bs}
+    return {"achieved_flops_per_s": achieved, "dtype": dtype, "profile_dtype": profile.get("dtype", "float32"),
+            "declared_peak_flops_per_s": peak, "fraction_of_peak": achieved / peak if peak else None,
+            "batch_size": bs}

@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import BenchError
+from bench.locks import exclusive
 
 if TYPE_CHECKING:
     import numpy as np
@@ -464,10 +465,6 @@ def reference_stats(cache_dir: str | os.PathLike, key: str | None, images_fn: Ca
     file's sha256), the preprocessing, and this cache's format. ``images_fn`` is not called on a hit. The
     file is written atomically (temporary name + ``os.replace``); one that cannot be read back or does not
     match is recomputed and replaced."""
-    import numpy as np
-
-    from bench import progress
-
     sp = space(space_name)
     images = None
     if key is None:
@@ -478,11 +475,35 @@ def reference_stats(cache_dir: str | os.PathLike, key: str | None, images_fn: Ca
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
     cache = Path(cache_dir)
     path = cache / f"fid-reference-{sp.name}-{digest}.npz"
-    if path.exists():
-        try:
-            return _read_cache(path, meta, sp.dim)
-        except Exception as exc:  # noqa: BLE001 - any unreadable or mismatched cache file is recomputed
-            progress.log(f"cached FID reference statistics at {path} are unreadable ({exc}); recomputing them")
+    found = _cached_reference(path, meta, sp.dim)
+    if found is not None:
+        return found
+    # Concurrent cells of one matrix (Ray workers) compute the features once: the others wait, then read them.
+    with exclusive(cache / "locks" / f"{path.name}.lock",
+                   f"another process is computing the FID reference features {path.name}; waiting for it"):
+        found = _cached_reference(path, meta, sp.dim)
+        if found is not None:
+            return found
+        return _compute_reference(path, meta, sp, images, images_fn, key, batch_size, device)
+
+
+def _cached_reference(path: Path, meta: dict[str, Any], dim: int) -> ReferenceStats | None:
+    from bench import progress
+
+    if not path.exists():
+        return None
+    try:
+        return _read_cache(path, meta, dim)
+    except Exception as exc:  # noqa: BLE001 - any unreadable or mismatched cache file is recomputed
+        progress.log(f"cached FID reference statistics at {path} are unreadable ({exc}); recomputing them")
+        return None
+
+
+def _compute_reference(path: Path, meta: dict[str, Any], sp: Any, images: Any, images_fn: Callable[[], Any],
+                       key: str, batch_size: int, device: str) -> ReferenceStats:
+    import numpy as np
+
+    cache = path.parent
     if images is None:
         images = images_fn()
     feats = features(images, space_name=sp.name, batch_size=batch_size, device=device,

@@ -315,6 +315,17 @@ class Glue(TeacherPool, Task):
         return [TeacherCandidate(s.name, gmodels.count_params(s, self.num_labels, self._vocab_size()), s.description)
                 for s in self._teacher_specs()]
 
+    def pretrained_teacher(self, teacher: nn.Module | None = None) -> nn.Module | None:
+        """The loaded teacher ``teacher`` (default: the pool's first) as it was before fine-tuning on this subtask,
+        with a fresh seed-0 head: the pretrained checkpoint (small, full) or, at the smoke tier, where nothing is
+        pretrained, the seed-0 initialisation of its config. None at the full tier when ``teacher_finetuned``
+        says the checkpoint is fine-tuned already (its pretrained state is unknown). For ERNIE-Tiny's first stage."""
+        if self.tier == "full" and self.params.teacher_finetuned:
+            return None
+        entry = self._teacher_entry(teacher) if teacher is not None else None
+        spec = self._teacher_spec(entry[0] if entry else None)
+        return gmodels.build(spec, self.num_labels, self._vocab_size(), seed=0)
+
     def student(self, seed: int) -> nn.Module:
         return gmodels.build(self._student_spec(), self.num_labels, self._vocab_size(), seed=seed)
 

@@ -50,30 +50,49 @@ def test_task_class_contract(name, tmp_path):
         assert task.unavailable() is None, "the smoke tier needs nothing from outside"
 
 
+def _group(task: str, subtask: str) -> str:
+    """The unit of the smoke matrix that runs in one process (under pytest-xdist, on one worker): a subtask,
+    or the whole task where its subtasks share work (one trained model evaluated by several protocols, or the
+    lm task's teacher top-k cache built by the first cell and read by the others)."""
+    cls = registry.tasks.get(task)
+    return f"contract-{task}" if cls.shared_training or task == "lm" else f"contract-{task}-{subtask}"
+
+
 @pytest.fixture(scope="module")
 def smoke_matrix(tmp_path_factory, cache_dir):
-    """Every registered method on every subtask of every task, smoke tier, a short budget."""
-    out = tmp_path_factory.mktemp("contract-runs")
-    task_params = {t: ({"teacher_steps": 40} if t in ("glue", "lm", "sam", "charades_sta") else {}) for t in TASKS}
-    suite = Suite(tasks=TASKS, methods=METHODS, seeds=[0], tier="smoke", out=str(out),
-                  train={"steps": 4}, runtime={"measure": False}, task_params=task_params)
-    resolved = resolve(suite)
+    """Every registered method on every subtask of every task, smoke tier, a short budget: ``smoke_matrix(task,
+    subtask)`` runs (once per process) the group holding that subtask and returns its records."""
     from bench.profiles import detect_profile
 
-    summary = execute(resolved, RunOptions(out=out, cache_dir=cache_dir, data_root=None, profile=detect_profile()))
-    return {(o.cell.task, o.cell.subtask, o.cell.method): (o, read_record(o.path)) for o in summary.outcomes}
+    done: dict[str, dict] = {}
+
+    def of(task: str, subtask: str) -> dict:
+        group = _group(task, subtask)
+        if group not in done:
+            subs = registry.tasks.get(task).subtasks if group == f"contract-{task}" else (subtask,)
+            out = tmp_path_factory.mktemp(group)
+            params = {"teacher_steps": 40} if task in ("glue", "lm", "sam", "charades_sta") else {}
+            suite = Suite(tasks=[f"{task}/{','.join(subs)}"], methods=METHODS, seeds=[0], tier="smoke", out=str(out),
+                          train={"steps": 4}, runtime={"measure": False}, task_params={task: params})
+            summary = execute(resolve(suite), RunOptions(out=out, cache_dir=cache_dir, data_root=None,
+                                                         profile=detect_profile()))
+            done[group] = {(o.cell.task, o.cell.subtask, o.cell.method): (o, read_record(o.path))
+                           for o in summary.outcomes}
+        return done[group]
+
+    return of
 
 
 def _cases():
     for t in TASKS:
         for sub in registry.tasks.get(t).subtasks:
             for m in METHODS:
-                yield t, sub, m
+                yield pytest.param(t, sub, m, marks=pytest.mark.xdist_group(_group(t, sub)))
 
 
 @pytest.mark.parametrize("task,subtask,method", list(_cases()))
 def test_every_method_runs_on_every_task(smoke_matrix, cache_dir, task, subtask, method):
-    outcome, rec = smoke_matrix[(task, subtask, method)]
+    outcome, rec = smoke_matrix(task, subtask)[(task, subtask, method)]
     if rec["status"] == "skipped":
         assert rec["reason"], "a skipped cell says why"
         return
@@ -102,27 +121,33 @@ def test_every_method_runs_on_every_task(smoke_matrix, cache_dir, task, subtask,
         assert rec["training"]["steps"] == 4
 
 
-def test_subtasks_that_share_training_evaluate_one_trained_model(smoke_matrix):
+SHARED = [pytest.param(t, marks=pytest.mark.xdist_group(f"contract-{t}"))
+          for t in TASKS if registry.tasks.get(t).shared_training]
+
+
+def test_a_task_shares_training():
+    assert SHARED, "sam's box and point protocols share one trained model"
+
+
+@pytest.mark.parametrize("task", SHARED)
+def test_subtasks_that_share_training_evaluate_one_trained_model(smoke_matrix, task):
     """A task whose subtasks are protocols of one model (``Task.shared_training``, e.g. sam's box and point)
     trains each method once: the later subtasks' records evaluate the model the first one trained and say so."""
     checked = 0
-    for t in TASKS:
-        cls = registry.tasks.get(t)
-        if not cls.shared_training:
+    first, *rest = registry.tasks.get(task).subtasks
+    matrix = smoke_matrix(task, first)
+    for m in METHODS:
+        _, a = matrix[(task, first, m)]
+        if m == "teacher" or a["status"] != "ok":
             continue
-        first, *rest = cls.subtasks
-        for m in METHODS:
-            _, a = smoke_matrix[(t, first, m)]
-            if m == "teacher" or a["status"] != "ok":
-                continue
-            shared = a["training"]["shared"]
-            assert shared["reused"] is False and shared["trained_in"] == a["cell_id"]
-            for sub in rest:
-                _, b = smoke_matrix[(t, sub, m)]
-                assert b["status"] == "ok", b.get("traceback")
-                assert b["training"]["shared"] == {**shared, "reused": True}
-                assert b["training"]["loss_log"] == a["training"]["loss_log"]
-                assert b["method_info"] == a["method_info"]
-                assert set(b["metrics"]) != set(a["metrics"])  # evaluated by its own protocol
-                checked += 1
+        shared = a["training"]["shared"]
+        assert shared["reused"] is False and shared["trained_in"] == a["cell_id"]
+        for sub in rest:
+            _, b = matrix[(task, sub, m)]
+            assert b["status"] == "ok", b.get("traceback")
+            assert b["training"]["shared"] == {**shared, "reused": True}
+            assert b["training"]["loss_log"] == a["training"]["loss_log"]
+            assert b["method_info"] == a["method_info"]
+            assert set(b["metrics"]) != set(a["metrics"])  # evaluated by its own protocol
+            checked += 1
     assert checked >= 3

@@ -299,6 +299,35 @@ def test_features_report_progress():
 # Cached reference statistics
 
 
+def test_concurrent_reference_stats_are_computed_once(tmp_path):
+    """Two processes wanting the same reference features at once (two Ray workers on one matrix): the second
+    waits for the first's lock, then reads its file; the images are loaded and featurised once. Threads stand
+    in for processes (flock locks are per open file, so two threads conflict as two processes do)."""
+    import threading
+    import time
+
+    imgs = _images(np.random.default_rng(3), 20, (90, 100, 110), 32, 32)
+    calls, results = [], []
+
+    def load():
+        calls.append(1)
+        time.sleep(0.5)  # the second caller arrives while the first is computing
+        return imgs
+
+    def worker():
+        results.append(fid.reference_stats(tmp_path, "set:k", load, space_name="smoke"))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(r.from_cache for r in results) == [False, True]
+    np.testing.assert_array_equal(results[0].mu, results[1].mu)
+
+
 def test_reference_stats_cached_by_key_network_and_readability(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     imgs = _images(rng, 40, (100, 100, 100), 32, 32)
@@ -313,7 +342,9 @@ def test_reference_stats_cached_by_key_network_and_readability(tmp_path, monkeyp
     mu, sigma = fid.stats(first.features)
     np.testing.assert_array_equal(first.mu, mu)
     np.testing.assert_array_equal(first.sigma, sigma)
-    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # nothing half-written left
+    # nothing half-written left; the lock that keeps concurrent processes from computing twice stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.path.name, "locks"])
+    assert [p.name for p in (tmp_path / "locks").iterdir()] == [f"{first.path.name}.lock"]
 
     again = fid.reference_stats(tmp_path, "cifar-test:abc", load, space_name="smoke")
     assert again.from_cache and len(calls) == 1 and again.path == first.path

@@ -480,3 +480,21 @@ def test_the_table_modules_import_one_way_and_stay_small():
     assert {"leaderboard", "table"} <= imported("publish")
     for module in ("table", "html", "plots", "leaderboard", "publish"):
         assert len((REPO / "bench" / f"{module}.py").read_text(encoding="utf-8").splitlines()) <= 800, module
+
+
+def test_a_metric_column_shown_as_is_leaves_the_score_in_points():
+    """A metric column with its own scale (the C&W attack's mean L2, shown as is) must not change how the score
+    is shown: the robustness table printed top-1 as 0.5 instead of 50.8 when cw_l2 was the last metric."""
+    specs = [{"name": "top1", "primary": True, "scale": 100.0},
+             {"name": "pgd_top1", "column": True, "scale": 100.0, "description": "robust"},
+             {"name": "cw_l2", "column": True, "scale": 1.0, "description": "mean L2"}]
+    recs = []
+    for method, v in (("teacher", 0.508), ("kd", 0.367)):
+        r = make_record(task="imagenet", subtask="val", method=method, seed=0, score=v,
+                        metrics={"top1": v, "pgd_top1": 0.2, "cw_l2": 0.614}, aggregate=("top1", "top-1"))
+        r["metric_specs"] = specs
+        recs.append(r)
+    md = to_markdown(build_tables(recs)[0])
+    teacher = next(line for line in md.splitlines() if line.startswith("| teacher"))
+    cells = [c.strip() for c in teacher.strip("|").split("|")]
+    assert cells[1:4] == ["50.8", "20.0", "0.614"]

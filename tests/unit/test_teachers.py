@@ -114,3 +114,36 @@ def test_an_unreadable_entry_is_retrained(tmp_path, fake_training):
     assert info2["cache"] == "trained" and len(fake_training) == 2
     assert torch.all(model.weight == 2)
     assert torch.equal(_load(folder).weight, model.weight), "the retrained teacher replaced the corrupt entry"
+
+
+def test_concurrent_cells_train_a_cold_teacher_once(tmp_path, monkeypatch):
+    """Two cells needing the same cold teacher at once (Ray workers, two runs on one cache): the second waits
+    for the first's lock and loads its teacher instead of training another. Threads stand in for processes
+    (flock locks are per open file, so two threads conflict as two processes do)."""
+    import threading
+    import time
+
+    calls = []
+
+    def supervised(task, model, cfg, *, seed, device="cpu", description=""):
+        calls.append(description)
+        time.sleep(0.5)  # the second cell arrives while the first is training
+        with torch.no_grad():
+            model.weight.fill_(7.0)
+        return model, bench.train.TrainResult(steps=cfg.steps, loss_log=[{"student": 0.5}])
+
+    monkeypatch.setattr(bench.train, "supervised", supervised)
+    task, infos = make_task(tmp_path), []
+
+    def cell():
+        model, info = get(task, {"seed": 0})
+        infos.append((info["cache"], float(model.weight.detach().sum())))
+
+    threads = [threading.Thread(target=cell) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert calls == ["Training toy teacher"]
+    assert sorted(infos) == [("hit", 28.0), ("trained", 28.0)]
