@@ -23,6 +23,22 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.env
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadgroup``: the contract matrix's groups (`_contract_groups`) each go to one worker, so
+    that a group's smoke matrix is built once; every other test is its own unit."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    from _contract_groups import scope_of
+
+    class ContractGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    return ContractGroups(config, log)
+
+
 def find_data_root() -> Path | None:
     root = Path(os.environ.get("BENCH_DATA") or REPO.parent / "shared" / "data")
     return root if root.is_dir() else None

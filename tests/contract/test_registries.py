@@ -11,6 +11,8 @@ from bench.config import Suite, resolve
 from bench.runner import RunOptions, execute
 from bench.store import read_record
 
+from _contract_groups import WHOLE_TASKS, contract_group, scope_of
+
 METHODS = registry.methods.names()
 TASKS = registry.tasks.names()
 
@@ -50,12 +52,17 @@ def test_task_class_contract(name, tmp_path):
         assert task.unavailable() is None, "the smoke tier needs nothing from outside"
 
 
-def _group(task: str, subtask: str) -> str:
-    """The unit of the smoke matrix that runs in one process (under pytest-xdist, on one worker): a subtask,
-    or the whole task where its subtasks share work (one trained model evaluated by several protocols, or the
-    lm task's teacher top-k cache built by the first cell and read by the others)."""
-    cls = registry.tasks.get(task)
-    return f"contract-{task}" if cls.shared_training or task == "lm" else f"contract-{task}-{subtask}"
+def test_contract_groups_keep_shared_work_in_one_process():
+    """A task whose subtasks share one training, or the lm task's teacher cache, must run as one group (else a
+    worker would train or build again what another already did, or the shared-training test would fail)."""
+    for t in TASKS:
+        cls = registry.tasks.get(t)
+        if cls.shared_training or t == "lm":
+            assert t in WHOLE_TASKS, t
+        subs = {contract_group(t, s) for s in cls.subtasks}
+        assert len(subs) == (1 if t in WHOLE_TASKS else len(cls.subtasks))
+        node = f"tests/contract/test_registries.py::test_every_method_runs_on_every_task[{t}-{cls.subtasks[0]}-kd]"
+        assert scope_of(node) == contract_group(t, cls.subtasks[0])
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,7 @@ def smoke_matrix(tmp_path_factory, cache_dir):
     done: dict[str, dict] = {}
 
     def of(task: str, subtask: str) -> dict:
-        group = _group(task, subtask)
+        group = contract_group(task, subtask)
         if group not in done:
             subs = registry.tasks.get(task).subtasks if group == f"contract-{task}" else (subtask,)
             out = tmp_path_factory.mktemp(group)
@@ -87,7 +94,7 @@ def _cases():
     for t in TASKS:
         for sub in registry.tasks.get(t).subtasks:
             for m in METHODS:
-                yield pytest.param(t, sub, m, marks=pytest.mark.xdist_group(_group(t, sub)))
+                yield t, sub, m
 
 
 @pytest.mark.parametrize("task,subtask,method", list(_cases()))
@@ -107,7 +114,11 @@ def test_every_method_runs_on_every_task(smoke_matrix, cache_dir, task, subtask,
     assert rec["data"]["train"]["sha256"] and rec["hardware"]
     cls_m = registry.methods.get(method)
     training_free = cls_m.training_free
-    if method not in ("teacher", "student") and not training_free and not cls_m.teacher_init_only:
+    if not cls_m.uses_task_teacher:  # self-distillation (earlier generations) or peers (federated clients)
+        assert rec["teacher"]["name"] == "self" and cls_m.own_teacher_note in rec["teacher"]["note"]
+        if cls_m.generations is not Method.generations:  # an earlier generation teaches the later ones
+            assert rec["training"]["previous_generation_forward_passes"] >= 1
+    elif method not in ("teacher", "student") and not training_free and not cls_m.teacher_init_only:
         # A cell reading teacher outputs a task keeps on disk (the lm task's top-k cache, built by the first
         # cell that needed it) runs no teacher pass itself; its record says the cache was used.
         assert (rec["training"]["teacher_forward_passes"] >= 1
@@ -121,8 +132,7 @@ def test_every_method_runs_on_every_task(smoke_matrix, cache_dir, task, subtask,
         assert rec["training"]["steps"] == 4
 
 
-SHARED = [pytest.param(t, marks=pytest.mark.xdist_group(f"contract-{t}"))
-          for t in TASKS if registry.tasks.get(t).shared_training]
+SHARED = [t for t in TASKS if registry.tasks.get(t).shared_training]
 
 
 def test_a_task_shares_training():
