@@ -7,8 +7,11 @@ one result."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -33,3 +36,14 @@ def exclusive(path: Path, waiting: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_or_compute(lock: Path, waiting: str, read: Callable[[], T | None], compute: Callable[[], T]) -> T:
+    """``read()`` (None: not cached), else ``compute()`` under the lock, after reading once more: the process
+    this one waited for may have written the result meanwhile."""
+    found = read()
+    if found is not None:
+        return found
+    with exclusive(lock, waiting):
+        found = read()
+        return found if found is not None else compute()

@@ -108,24 +108,26 @@ class PairStore:
 
         if self._data is not None:
             return self._data, 0
-        from bench.locks import exclusive
+        from bench.locks import read_or_compute
 
-        self._data = self._read()
-        if self._data is not None:
-            return self._data, 0
-        # Concurrent cells (Ray workers) build the store once: the others wait for the lock, then read it.
-        with exclusive(self.path.parent / "locks" / f"{self.path.name}.lock",
-                       f"another process is building the teacher pairs {self.path.name}; waiting for it"):
-            self._data = self._read()
-            if self._data is not None:
-                return self._data, 0
-            self._data, passes = self._build()
+        def build() -> tuple[dict[str, torch.Tensor], int]:
+            data, passes = self._build()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-            torch.save(self._data, tmp)
+            torch.save(data, tmp)
             os.replace(tmp, self.path)
             (self.path.with_suffix(".json")).write_text(json.dumps({**self.identity, "build_s": self.build_s}, indent=2))
             self.built_here = True
+            return data, passes
+
+        def read() -> tuple[dict[str, torch.Tensor], int] | None:
+            data = self._read()
+            return None if data is None else (data, 0)
+
+        # Concurrent cells (Ray workers) build the store once: the others wait for the lock, then read it.
+        self._data, passes = read_or_compute(
+            self.path.parent / "locks" / f"{self.path.name}.lock",
+            f"another process is building the teacher pairs {self.path.name}; waiting for it", read, build)
         return self._data, passes
 
     def _read(self) -> dict[str, torch.Tensor] | None:

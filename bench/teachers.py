@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import BenchError
-from bench.locks import exclusive
+from bench.locks import read_or_compute
 
 if TYPE_CHECKING:
     from torch import nn
@@ -82,16 +82,12 @@ def cached_teacher(
     (``cache``: ``hit`` or ``trained``; ``path``: the folder)."""
     key = identity_key(identity)
     folder = Path(task.env.cache_dir) / task.name / "teachers" / f"{label}-{key}"
-    found = _from_cache(folder, load)
-    if found is not None:
-        return found
-    lock = Path(task.env.cache_dir) / task.name / "locks" / f"teacher-{label}-{key}.lock"
-    with exclusive(lock, f"another process is training the teacher {label} ({key}); waiting for it"):
-        found = _from_cache(folder, load)  # trained by the process this one waited for
-        if found is not None:
-            return found
-        return _train(task, folder, key, name=name, identity=identity, build=build, save=save,
-                      description=description, extra_meta=extra_meta)
+    return read_or_compute(
+        Path(task.env.cache_dir) / task.name / "locks" / f"teacher-{label}-{key}.lock",
+        f"another process is training the teacher {label} ({key}); waiting for it",
+        lambda: _from_cache(folder, load),
+        lambda: _train(task, folder, key, name=name, identity=identity, build=build, save=save,
+                       description=description, extra_meta=extra_meta))
 
 
 def _from_cache(folder: Path, load: Callable[[Path], nn.Module]) -> tuple[nn.Module, dict[str, Any]] | None:

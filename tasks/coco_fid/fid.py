@@ -81,7 +81,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import BenchError
-from bench.locks import exclusive
+from bench.locks import read_or_compute
 
 if TYPE_CHECKING:
     import numpy as np
@@ -475,16 +475,12 @@ def reference_stats(cache_dir: str | os.PathLike, key: str | None, images_fn: Ca
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
     cache = Path(cache_dir)
     path = cache / f"fid-reference-{sp.name}-{digest}.npz"
-    found = _cached_reference(path, meta, sp.dim)
-    if found is not None:
-        return found
     # Concurrent cells of one matrix (Ray workers) compute the features once: the others wait, then read them.
-    with exclusive(cache / "locks" / f"{path.name}.lock",
-                   f"another process is computing the FID reference features {path.name}; waiting for it"):
-        found = _cached_reference(path, meta, sp.dim)
-        if found is not None:
-            return found
-        return _compute_reference(path, meta, sp, images, images_fn, key, batch_size, device)
+    return read_or_compute(
+        cache / "locks" / f"{path.name}.lock",
+        f"another process is computing the FID reference features {path.name}; waiting for it",
+        lambda: _cached_reference(path, meta, sp.dim),
+        lambda: _compute_reference(path, meta, sp, images, images_fn, key, batch_size, device))
 
 
 def _cached_reference(path: Path, meta: dict[str, Any], dim: int) -> ReferenceStats | None:
