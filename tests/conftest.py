@@ -23,6 +23,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.env
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest -p no:xdist must still collect
 def pytest_xdist_make_scheduler(config, log):
     """Under ``--dist loadgroup``: the contract matrix's groups (`_contract_groups`) each go to one worker, so
     that a group's smoke matrix is built once; every other test is its own unit."""
