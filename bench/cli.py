@@ -213,6 +213,16 @@ def run(
     raise typer.Exit(code)
 
 
+def _invocation() -> str | None:
+    """This process's command line as a user would retype it (``bench run ...``), or None when bench was not
+    started as a command (e.g. called through typer's test runner inside another program)."""
+    import shlex
+
+    if Path(sys.argv[0]).name not in ("bench", "__main__.py", "cli.py"):
+        return None
+    return shlex.join(["bench", *sys.argv[1:]])
+
+
 def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool, quiet: bool,
              print_tables: bool = True, executor: str = "local", ray_address: str | None = None,
              allow_mismatch: bool = False, nproc_per_node: int = 1) -> int:
@@ -222,7 +232,8 @@ def _execute(resolved, root, cache_dir: Path, prof: dict[str, Any], force: bool,
 
     out = Path(resolved.suite.out)
     opts = RunOptions(out=out, cache_dir=Path(cache_dir), data_root=root, profile=prof, force=force,
-                      device=prof.get("run_device") or prof.get("device", "cpu"), nproc_per_node=nproc_per_node)
+                      device=prof.get("run_device") or prof.get("device", "cpu"), nproc_per_node=nproc_per_node,
+                      invocation=_invocation())
     reporter = None if quiet else (_RichReporter(console) if console.is_terminal else _PlainReporter(console))
     progress.set_reporter(reporter)
     try:

@@ -176,6 +176,7 @@ def _table_html(t: Table, plots: dict[str, dict[str, bytes]]) -> str:
     title = f"{escape(t.task)} — tier {escape(t.tier)}, profile {escape(t.profile)}"
     return (
         f'<section class="lb-table" data-slug="{escape(t.slug)}"><h2>{title}</h2>'
+        + "".join(f'<p class="cmd">Records made with <code>{escape(c)}</code></p>' for c in t.commands) +
         f'<table class="lb" id="t-{escape(t.slug)}"><thead><tr>{"".join(heads)}</tr></thead>'
         f'<tbody>{"".join(body)}</tbody></table><ul class="notes">{notes}</ul>{problems}'
         f"{''.join(figs)}</section>"

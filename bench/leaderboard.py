@@ -110,6 +110,8 @@ class _Rec:
     below_floor: tuple[dict[str, Any], ...] = ()
     #: the method's own notes on its row (`bench.api.Method.table_notes`), printed under the table
     method_notes: tuple[str, ...] = ()
+    #: the command line that made the record (``invocation``, recorded by the CLI since issue 14); "" if unknown
+    invocation: str = ""
 
 
 def _metric_columns(rec: dict[str, Any]) -> dict[str, tuple[float | None, bool, float, str]]:
@@ -177,6 +179,7 @@ def compact_record(rec: dict[str, Any]) -> _Rec:
         below_floor=tuple(weak_teacher(rec.get("metrics") or {}, rec.get("metric_specs") or []))
         if status == "ok" and c["method"] == "teacher" else (),
         method_notes=tuple(str(n) for n in rec.get("method_notes") or ()),
+        invocation=str(rec.get("invocation") or ""),
     )
 
 
@@ -298,7 +301,8 @@ def _table(key: tuple[str, str, str], recs: list[_Rec], order: list[str]) -> Tab
                     f"{row.label} on {r.subtask}, seed {r.seed}: {r.status}"
                     + (f" — {r.reason}" if r.reason else "")
                 )
-    table = Table(task, tier, profile, columns, rows, problems=problems, n_records=len(recs))
+    table = Table(task, tier, profile, columns, rows, problems=problems, n_records=len(recs),
+                  commands=sorted({r.invocation for r in recs if r.invocation}))
     table.footnotes = _footnotes(table, recs, subtasks, scored, agg_name, agg_rule, notes, marks, inputs)
     return table
 

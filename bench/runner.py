@@ -45,6 +45,9 @@ class RunOptions:
     trained_here: set[str] = field(default_factory=set)
     #: processes per cell (``--nproc-per-node``): above 1, each cell trains data-parallel (`bench.distributed`)
     nproc_per_node: int = 1
+    #: the command line that started the run (``bench run ...`` as typed), kept in every record so that a
+    #: published table can say how its records were made; None where the runner is called from Python
+    invocation: str | None = None
 
 
 @dataclass
@@ -353,9 +356,13 @@ def _nfe(model: Any) -> int:
 
 def run_provenance(opts: RunOptions) -> dict[str, Any]:
     """What every record of this process says about where it ran: package versions, the checkout's git state,
-    the environment variables that matter and the hardware fingerprint of ``opts.profile``."""
-    return {"versions": package_versions(), "git": git_state(), "environment": environment(),
-            "hardware": opts.profile.get("hardware", {})}
+    the environment variables that matter, the hardware fingerprint of ``opts.profile`` and, from the CLI, the
+    command line (``invocation``; the Ray executor's workers get the driver's)."""
+    out = {"versions": package_versions(), "git": git_state(), "environment": environment(),
+           "hardware": opts.profile.get("hardware", {})}
+    if opts.invocation:
+        out["invocation"] = opts.invocation
+    return out
 
 
 def set_threads(profile: dict[str, Any]) -> None:

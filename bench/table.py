@@ -69,6 +69,8 @@ class Table:
     footnotes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     n_records: int = 0
+    #: the distinct command lines that made the table's records (records that carry one), shown above it
+    commands: list[str] = field(default_factory=list)
     plots: dict[str, dict[str, str]] = field(default_factory=dict)  # kind -> {"png": path, "svg": path}
     plot_note: str = ""
 
@@ -143,11 +145,18 @@ def cell_text(col: Column, v: Value, row_seeds: int, markdown: bool = True) -> s
     return text
 
 
+def _commands_markdown(commands: list[str]) -> list[str]:
+    if not commands:
+        return []
+    return ["Records made with:", "", "```bash", *commands, "```", ""]
+
+
 def to_markdown(table: Table, heading: str = "###") -> str:
     labels = ["method", *(c.label for c in table.columns), "n", "status"]
     lines = [
         f"{heading} {table.task} — tier {table.tier}, profile {table.profile}",
         "",
+        *_commands_markdown(table.commands),
         "| " + " | ".join(labels) + " |",
         "|---|" + "|".join("---:" for _ in table.columns) + "|---:|---|",
     ]
@@ -239,6 +248,7 @@ def to_dict(table: Table) -> dict[str, Any]:
             for r in table.rows
         ],
         "footnotes": table.footnotes,
+        **({"commands": table.commands} if table.commands else {}),
         "problems": table.problems,
         "plots": table.plots,
     }

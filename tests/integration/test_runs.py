@@ -50,6 +50,13 @@ def test_same_seed_twice_gives_identical_metrics(reference, tmp_path, cache_dir)
     assert again["config_hash"] == reference["record"]["config_hash"]
 
 
+def test_the_record_keeps_the_command_line_that_made_it(reference, cache_dir):
+    import shlex
+
+    cmd = bench("--out", str(reference["out"]), cache=cache_dir)
+    assert reference["record"]["invocation"] == shlex.join(["bench", *cmd[cmd.index("run"):]])
+
+
 def test_rerun_of_a_finished_matrix_does_no_training(reference, cache_dir):
     before = reference["path"].stat().st_mtime_ns
     proc = run(bench("--out", str(reference["out"]), cache=cache_dir))

@@ -398,6 +398,26 @@ def test_method_notes_are_printed_under_the_table_with_how_many_records_carry_th
     assert "- kd:" not in md and "- teacher:" not in md
 
 
+def test_the_commands_that_made_the_records_are_shown_above_the_table(tmp_path):
+    recs = two_method_records()
+    cmds = ["bench run --methods kd --task glue/sst2,rte --seeds 0,1,2", "bench run --methods taid --task glue"]
+    for r in recs:
+        r["invocation"] = cmds[r["cell"]["method"] == "taid"]
+    (table,) = build_tables(recs)
+    assert table.commands == sorted(cmds)
+    md = to_markdown(table)
+    head, rest = md.split("| method |", 1)
+    assert head.splitlines()[2:] == ["Records made with:", "", "```bash", *sorted(cmds), "```", ""]
+    write_records(tmp_path, recs)
+    build_leaderboards([tmp_path / "records"], tmp_path / "lb", plots=False)
+    assert json.loads((tmp_path / "lb" / "glue.json").read_text())["tables"][0]["commands"] == sorted(cmds)
+    page = (tmp_path / "lb" / "index.html").read_text()
+    assert "Records made with <code>bench run --methods taid --task glue</code>" in page
+    # records without the field (made before it existed, or from Python) add nothing: old tables are unchanged
+    plain = to_markdown(build_tables(two_method_records())[0])
+    assert "Records made with" not in plain and plain.splitlines()[2].startswith("| method |")
+
+
 def test_records_with_nan_are_read(tmp_path):
     recs = two_method_records()
     recs[0]["efficiency"]["latency"]["batch_1"]["spread"] = float("nan")  # json writes NaN; orjson refuses it
