@@ -112,6 +112,7 @@ def test_ray_records_equal_the_local_executors(ray_run, local_run):
         assert rec["training"]["loss_log"] == local["training"]["loss_log"]
         assert rec["efficiency"]["params"] == local["efficiency"]["params"]
         assert rec["efficiency"]["flops_per_sample"] == local["efficiency"]["flops_per_sample"]
+        assert "--executor ray" in rec["invocation"] and "--executor" not in local["invocation"]  # the driver's
     # the driver printed the same leaderboard table (one row per method)
     for method in METHODS:
         assert f"| {method} |" in ray_run["output"]
